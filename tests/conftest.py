@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_cwd(tmp_path, monkeypatch):
+    """Run every test in its own folder so default run directories never collide or litter the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
