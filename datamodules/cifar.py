@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import random_split
 import torch
-
 from lightning_nd.datamodules.base import ClassificationDataModule, check_choice
+from torch.utils.data import random_split
 
-CIFAR_STATS = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), 100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+CIFAR_STATS = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 
 
 class CIFARDataModule(ClassificationDataModule):
@@ -79,6 +81,8 @@ class CIFARDataModule(ClassificationDataModule):
         self.test_dataset = self._datasets(False, False)
         if self.val_size:
             generator = torch.Generator().manual_seed(self.split_seed)
-            self.train_dataset, self.val_dataset = random_split(train, [len(train) - self.val_size, self.val_size], generator)
+            self.train_dataset, self.val_dataset = random_split(
+                train, [len(train) - self.val_size, self.val_size], generator
+            )
         else:
             self.train_dataset, self.val_dataset = train, self.test_dataset

@@ -6,7 +6,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-
 from lightning_nd.datamodules.base import ClassificationDataModule, ImageTensorDataset, check_choice
 
 
@@ -71,9 +70,9 @@ class DigitsDataModule(ClassificationDataModule):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = round(len(labels) * self.val_fraction)
         val_idx, train_idx = order[:n_val], order[n_val:]
-        common = dict(
-            scale=16.0, mean=0.3, std=0.4, image_size=self.image_size, resize=self.resize, channels=self.channels
-        )
+        common = {
+            "scale": 16.0, "mean": 0.3, "std": 0.4, "image_size": self.image_size, "resize": self.resize, "channels": self.channels
+        }
         self.train_dataset = ImageTensorDataset(
             images[train_idx], labels[train_idx], augment=self.augment, hflip=False, **common
         )

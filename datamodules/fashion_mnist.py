@@ -8,7 +8,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-
 from lightning_nd.datamodules.base import ClassificationDataModule, ImageTensorDataset, check_choice
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -128,10 +127,14 @@ class FashionMNISTDataModule(ClassificationDataModule):
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
-        common = dict(
-            scale=255.0, mean=0.2860, std=0.3530, image_size=self.image_size, resize=self.resize,
-            channels=self.channels,
-        )
+        common = {
+            "scale": 255.0,
+            "mean": 0.2860,
+            "std": 0.3530,
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "channels": self.channels,
+        }
         self.train_dataset = ImageTensorDataset(
             train_images[train_idx], train_labels[train_idx], augment=self.augment, **common
         )

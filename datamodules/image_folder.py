@@ -51,10 +51,20 @@ class ImageFolderDataModule(ClassificationDataModule):
                 raise FileNotFoundError(f"ImageFolderDataModule: folder {str(self.root / sub)!r} does not exist")
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train_tf = transforms.Compose(
-            [transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+            [
+                transforms.RandomResizedCrop(self.image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalize,
+            ]
         )
         eval_tf = transforms.Compose(
-            [transforms.Resize(int(self.image_size / 0.875)), transforms.CenterCrop(self.image_size), transforms.ToTensor(), normalize]
+            [
+                transforms.Resize(int(self.image_size / 0.875)),
+                transforms.CenterCrop(self.image_size),
+                transforms.ToTensor(),
+                normalize,
+            ]
         )
         self.train_dataset = datasets.ImageFolder(str(self.root / self.train_dir), train_tf)
         self.val_dataset = datasets.ImageFolder(str(self.root / self.val_dir), eval_tf)

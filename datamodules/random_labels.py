@@ -46,7 +46,9 @@ class RandomLabels(pl.LightningDataModule):
     def __init__(self, datamodule: pl.LightningDataModule, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(getattr(datamodule, "num_classes", None), int):
-            raise ValueError(f"RandomLabels needs a datamodule with an int num_classes; {type(datamodule).__name__} has none")
+            raise ValueError(
+                f"RandomLabels needs a datamodule with an int num_classes; {type(datamodule).__name__} has none"
+            )
         self.datamodule, self.seed = datamodule, seed
         self.labels: torch.Tensor | None = None
 

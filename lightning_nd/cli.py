@@ -45,7 +45,7 @@ class LndCLI(LightningCLI):
         media = run_dir / "media"
         if media.is_dir():
             lines.append(f"  pictures:   {media} ({len(list(media.glob('*.png')))} PNG)")
-        extra = sorted(p for p in run_dir.iterdir() if p.suffix in (".json", ".pt", ".onnx", ".ts"))
+        extra = sorted(p for p in run_dir.glob("*") if p.suffix in (".json", ".pt", ".onnx", ".ts"))
         lines += [f"  output:     {p}" for p in extra]
         rank_zero_info("\n".join(lines))
 

@@ -146,11 +146,24 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=stage != "test",
+            on_step=stage == "train",
+            on_epoch=True,
+            sync_dist=stage != "train",
+        )
         for key, metric in self.metrics.items():
             if key.startswith(stage + "_"):
                 metric(logits.detach(), y)
-                self.log(f"{stage}/{key[len(stage) + 1 :]}", metric, prog_bar=key.endswith("_acc"), on_epoch=True, on_step=False)
+                self.log(
+                    f"{stage}/{key[len(stage) + 1 :]}",
+                    metric,
+                    prog_bar=key.endswith("_acc"),
+                    on_epoch=True,
+                    on_step=False,
+                )
         return loss
 
     @override

@@ -7,7 +7,6 @@ support, saves a PNG under ``<log_dir>/media/`` so that every run keeps its pict
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
