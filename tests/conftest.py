@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PYTHONHASHSEED", "0")

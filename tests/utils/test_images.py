@@ -1,9 +1,6 @@
 """Pictures reach every kind of logger: PNG files for CSV-only runs, wandb offline, TensorBoard."""
 
 import lightning.pytorch as pl
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
