@@ -14,19 +14,42 @@ from lightning_nd.nas.arch import (
     set_arch,
     space_size,
 )
+from lightning_nd.nas.angle import AngleLayout, AngleStats
+from lightning_nd.nas.bn import recalibrate_bn
 from lightning_nd.nas.choice import Choice
+from lightning_nd.nas.evolution import Evolution
+from lightning_nd.nas.flops import ArchCost, CostConstraint, count_flops, count_params
+from lightning_nd.nas.naswot import naswot_score
+from lightning_nd.nas.sampler import PathSampler, arch_hash
+from lightning_nd.nas.spaces import build_space, list_spaces, register_space
+from lightning_nd.nas.subnet import Subnet
 
 __all__ = [
+    "AngleLayout",
+    "AngleStats",
+    "ArchCost",
     "Choice",
+    "CostConstraint",
     "Decision",
+    "Evolution",
+    "PathSampler",
+    "Subnet",
     "alive_options",
     "arch_from_json",
+    "arch_hash",
     "arch_to_json",
+    "build_space",
     "check_arch",
+    "count_flops",
+    "count_params",
     "decisions",
     "export_subnet",
     "get_arch",
     "list_choices",
+    "list_spaces",
+    "naswot_score",
+    "recalibrate_bn",
+    "register_space",
     "set_alive",
     "set_arch",
     "space_size",

@@ -1,0 +1,296 @@
+"""``DEQMonitor``: log the solver statistics of every DEQ layer and stop a run whose equilibrium blows up.
+
+Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forward solver at once, backward solver after
+``backward()``; :func:`lightning_nd.implicit.find_deqs` finds them). This callback
+
+- logs per training step (and per validation epoch) the forward/backward evaluations and the mean/max absolute and
+  relative residuals (max over the batch, since solvers stop on the worst sample) and the converged share;
+- accumulates fixed-bin histograms of the per-sample relative residuals and step counts and draws them at the end of
+  each training epoch (``log_image``; TensorBoard also gets native histograms);
+- warns when more than ``unconverged_warn`` of an epoch's training batches ended with some sample above tolerance;
+- checks before every backward whether the loss is NaN/inf or a forward residual is non-finite, hit the solver's
+  protective break or exceeds ``explode_threshold``. The decision is reduced over ranks (any rank), then either the
+  run stops cleanly (``on_divergence="stop"``: the step's gradients are dropped so no NaN reaches the weights, the
+  trainer stops, and the reason is reported and kept in ``stop_reason``) or :class:`DEQDivergenceError` is raised
+  on every rank (``"raise"``). A NaN loss is never trained on silently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_nd.implicit import find_deqs
+from lightning_nd.utils import log_image
+
+REL_BINS = torch.logspace(-8, 2, 41)  # bin edges of the relative-residual histogram (1e-8 ... 1e2)
+MAX_STEPS_BIN = 256  # step counts above this share the last bin
+DIVERGENCE_ACTIONS = ("stop", "raise")
+
+
+class DEQDivergenceError(RuntimeError):
+    """Raised by :class:`DEQMonitor` (``on_divergence="raise"``) when the loss or an equilibrium residual blows up."""
+
+
+def _hist_rel(values: torch.Tensor) -> torch.Tensor:
+    v = values.detach().float().cpu().clamp(REL_BINS[0], REL_BINS[-1])
+    v = torch.where(torch.isfinite(v), v, REL_BINS[-1].expand_as(v))
+    idx = torch.bucketize(v, REL_BINS[1:-1])
+    return torch.bincount(idx, minlength=len(REL_BINS) - 1).double()
+
+
+def _hist_steps(values: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(values.detach().cpu().long().clamp(0, MAX_STEPS_BIN), minlength=MAX_STEPS_BIN + 1).double()
+
+
+class DEQMonitor(Callback):
+    """Log DEQ solver statistics, warn about unconverged batches, stop on exploding or NaN residuals.
+
+    Args:
+        log_every_n_steps: log the per-step scalars every this many training batches.
+        histogram_every_n_epochs: draw the residual/step histograms every this many epochs (0: never).
+        unconverged_warn: warn when the share of unconverged training batches in an epoch exceeds this (in [0, 1]).
+        explode_threshold: an absolute forward residual above this counts as exploded (None: only NaN/inf and the
+            solver's protective break count).
+        on_divergence: ``"stop"`` (drop the step's gradients, stop the trainer, report the reason) or ``"raise"``.
+        log_validation: also log validation solver statistics (epoch means).
+
+    Attributes:
+        stop_reason: the message of the divergence that stopped the run (None if none).
+        warnings_issued: number of unconverged-share warnings so far.
+
+    Raises:
+        ValueError: for a non-positive ``log_every_n_steps``, a negative ``histogram_every_n_epochs``,
+            ``unconverged_warn`` outside [0, 1], a non-positive ``explode_threshold`` or an unknown ``on_divergence``.
+        DEQDivergenceError: during training with ``on_divergence="raise"`` when the run diverges.
+
+    Example::
+
+        trainer = Trainer(callbacks=[DEQMonitor(unconverged_warn=0.3, on_divergence="stop")])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 1,
+        histogram_every_n_epochs: int = 1,
+        unconverged_warn: float = 0.5,
+        explode_threshold: float | None = 1e6,
+        on_divergence: str = "stop",
+        log_validation: bool = True,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be an integer >= 1")
+        if not (isinstance(histogram_every_n_epochs, int) and histogram_every_n_epochs >= 0):
+            raise ValueError(f"histogram_every_n_epochs={histogram_every_n_epochs} must be an integer >= 0")
+        if not 0.0 <= unconverged_warn <= 1.0:
+            raise ValueError(f"unconverged_warn={unconverged_warn} must be in [0, 1]")
+        if explode_threshold is not None and not explode_threshold > 0:
+            raise ValueError(f"explode_threshold={explode_threshold} must be None or > 0")
+        if on_divergence not in DIVERGENCE_ACTIONS:
+            raise ValueError(f"on_divergence={on_divergence!r} must be one of {list(DIVERGENCE_ACTIONS)}")
+        self.log_every_n_steps, self.histogram_every_n_epochs = log_every_n_steps, histogram_every_n_epochs
+        self.unconverged_warn, self.explode_threshold = unconverged_warn, explode_threshold
+        self.on_divergence, self.log_validation = on_divergence, log_validation
+        self.stop_reason: str | None = None
+        self.warnings_issued = 0
+        self._pending: str | None = None
+        self._reset_epoch()
+        self._reset_val()
+
+    # ----------------------------------------------------------------- accumulators
+    def _reset_epoch(self) -> None:
+        self.batches, self.unconverged = 0, 0
+        self.worst_rel = 0.0
+        self.hist: dict[str, torch.Tensor] = {}
+
+    def _reset_val(self) -> None:
+        self.val_sums: dict[str, float] = {}
+        self.val_batches = 0
+
+    def _add_hist(self, key: str, counts: torch.Tensor) -> None:
+        self.hist[key] = self.hist[key] + counts if key in self.hist else counts
+
+    @staticmethod
+    def _prefix(name: str, n: int) -> str:
+        return "deq/" if n == 1 else f"deq/{name}/"
+
+    @staticmethod
+    def _scalars(stats: Any, tag: str) -> dict[str, float]:
+        s = stats.summary()
+        return {
+            f"{tag}_steps": s["nfe"],
+            f"{tag}_abs_mean": s["abs_mean"],
+            f"{tag}_abs_max": s["abs_max"],
+            f"{tag}_rel_mean": s["rel_mean"],
+            f"{tag}_rel_max": s["rel_max"],
+            f"{tag}_converged": s["converged"],
+        }
+
+    # ----------------------------------------------------------------- divergence
+    def _divergence(self, pl_module: pl.LightningModule, loss: torch.Tensor) -> str | None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return f"training loss is {float(loss.detach().float().mean())}"
+        for name, deq in find_deqs(pl_module):
+            stats = getattr(deq.last_stats, "forward", None)
+            if stats is None:
+                continue
+            worst = float(stats.abs.max())
+            if not math.isfinite(worst) or stats.diverged:
+                return f"forward residual of DEQ {name!r} is non-finite or exploded (worst abs residual {worst:.3g})"
+            if self.explode_threshold is not None and worst > self.explode_threshold:
+                return f"forward residual of DEQ {name!r} exploded: {worst:.3g} > explode_threshold={self.explode_threshold}"
+        return None
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        reason = self._divergence(pl_module, loss)
+        if not trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            return
+        msg = (
+            f"DEQMonitor stopped training at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+            f"{reason or 'another rank diverged'}. The equilibrium diverged: lower the learning rate, use weight "
+            "norm / Jacobian regularisation, more warm-up steps, or a more stable solver."
+        )
+        if self.on_divergence == "raise":
+            raise DEQDivergenceError(msg)
+        self._pending = msg
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._pending is None:
+            return
+        optimizer.zero_grad(set_to_none=True)  # parameters without gradients are skipped: no NaN reaches the weights
+        trainer.should_stop = True
+        self.stop_reason, self._pending = self._pending, None
+        rank_zero_warn(self.stop_reason)
+
+    # ----------------------------------------------------------------- training statistics
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        deqs = [(n, d) for n, d in find_deqs(pl_module) if getattr(d, "last_stats", None) is not None]
+        if not deqs:
+            return
+        self.batches += 1
+        metrics: dict[str, float] = {}
+        unconverged = False
+        for name, deq in deqs:
+            fwd, bwd = deq.last_stats.forward, deq.last_stats.backward
+            prefix = self._prefix(name, len(deqs))
+            metrics.update({prefix + k: v for k, v in self._scalars(fwd, "fwd").items()})
+            if deq.last_stats.mode == "equilibrium":
+                unconverged |= not bool(fwd.converged.all())
+                self.worst_rel = max(self.worst_rel, float(fwd.rel.max()))
+                self._add_hist("fwd_rel", _hist_rel(fwd.rel))
+                self._add_hist("fwd_steps", _hist_steps(fwd.nstep))
+            if bwd is not None:
+                metrics.update({prefix + k: v for k, v in self._scalars(bwd, "bwd").items()})
+                self._add_hist("bwd_rel", _hist_rel(bwd.rel))
+                self._add_hist("bwd_steps", _hist_steps(bwd.nstep))
+            metrics[prefix + "unrolled"] = float(deq.last_stats.mode == "unrolled")
+        self.unconverged += int(unconverged)
+        if batch_idx % self.log_every_n_steps == 0:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = torch.tensor([float(self.batches), float(self.unconverged)], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        batches, unconverged = float(counts[0]), float(counts[1])
+        if batches > 0:
+            share = unconverged / batches
+            pl_module.log("deq/unconverged_share", share, on_step=False, on_epoch=True)
+            if share > self.unconverged_warn:
+                self.warnings_issued += 1
+                rank_zero_warn(
+                    f"DEQMonitor: {share:.0%} of the training batches of epoch {trainer.current_epoch} ended with "
+                    f"samples above the forward tolerance (threshold {self.unconverged_warn:.0%}; worst relative "
+                    f"residual on rank 0 {self.worst_rel:.3g}). Raise f_max_iter, loosen f_tol, use Anderson/Broyden, "
+                    "or add Jacobian regularisation."
+                )
+        every = self.histogram_every_n_epochs
+        if every and (trainer.current_epoch + 1) % every == 0 and self.hist:
+            self._draw(trainer)
+        self._reset_epoch()
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in ("fwd_rel", "fwd_steps", "bwd_rel", "bwd_steps") if k in self.hist]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            counts = self.hist[key].numpy()
+            if key.endswith("_rel"):
+                edges = REL_BINS.numpy()
+                ax.bar(edges[:-1], counts, width=edges[1:] - edges[:-1], align="edge")
+                ax.set_xscale("log")
+                ax.set_xlabel("relative residual")
+            else:
+                last = int(max(counts.nonzero()[0].max() + 1, 2))
+                ax.bar(range(last), counts[:last])
+                ax.set_xlabel("solver step of the returned iterate")
+            ax.set_title(key.replace("_", " "))
+        fig.tight_layout()
+        log_image(trainer, "deq/histograms", fig)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                for key in keys:
+                    values = self.hist[key]
+                    centers = torch.arange(len(values), dtype=torch.float64)
+                    logger.experiment.add_histogram(
+                        f"deq/{key}", centers.repeat_interleave(values.long()), trainer.global_step
+                    )
+
+    # ----------------------------------------------------------------- validation statistics
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self.log_validation or trainer.sanity_checking:
+            return
+        deqs = [(n, d) for n, d in find_deqs(pl_module) if getattr(d, "last_stats", None) is not None]
+        for name, deq in deqs:
+            prefix = self._prefix(name, len(deqs)).replace("deq/", "deq/val_", 1)
+            for k, v in self._scalars(deq.last_stats.forward, "fwd").items():
+                self.val_sums[prefix + k] = self.val_sums.get(prefix + k, 0.0) + v
+        self.val_batches += int(bool(deqs))
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.val_batches and not trainer.sanity_checking:
+            pl_module.log_dict(
+                {k: v / self.val_batches for k, v in self.val_sums.items()}, on_step=False, on_epoch=True, sync_dist=True
+            )
+        self._reset_val()
+
+    # ----------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "unconverged": self.unconverged,
+            "worst_rel": self.worst_rel,
+            "hist": {k: v.clone() for k, v in self.hist.items()},
+            "stop_reason": self.stop_reason,
+            "warnings_issued": self.warnings_issued,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches, self.unconverged = state_dict["batches"], state_dict["unconverged"]
+        self.worst_rel = state_dict["worst_rel"]
+        self.hist = {k: v.clone() for k, v in state_dict["hist"].items()}
+        self.stop_reason, self.warnings_issued = state_dict["stop_reason"], state_dict["warnings_issued"]

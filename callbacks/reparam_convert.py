@@ -1,0 +1,111 @@
+"""``ReparamConvert``: give an existing Lightning project ACB / DBB / RepVGG training by adding one callback.
+
+In ``setup`` (before the optimizer, the DDP wrap and any checkpoint restore) the callback replaces every eligible
+``Conv2d -> BN`` pair of the LightningModule's network by a training-time block
+(:func:`lightning_nd.reparam.convert_model`). Because it runs before the restore, a resumed run (``ckpt_path=...``) or
+a later ``trainer.test(ckpt_path="best")`` loads its converted checkpoint into the converted model. A converted network
+is marked, so the conversion happens once per network however many times ``fit``/``test`` run.
+
+Build the optimizer in ``configure_optimizers`` from ``self.parameters()`` (as every lightning_nd module does), not in
+``__init__``, so it sees the new parameters. Pair with :class:`~lightning_nd.callbacks.ReparamFuse` to write the fused
+deploy model at the end of fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_nd.reparam import ReparamBlock, convert_model
+from lightning_nd.reparam.convert import BLOCKS
+
+CONVERTED_MARK = "_lnd_reparam_converted"
+
+
+def resolve_network(pl_module: pl.LightningModule, attr: str | None, who: str) -> nn.Module:
+    """``pl_module.<attr>`` (dotted paths allowed), or the module itself for ``attr=None``.
+
+    Raises:
+        MisconfigurationException: when the attribute is missing or not an ``nn.Module``.
+    """
+    if attr is None:
+        return pl_module
+    target: Any = pl_module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+    if not isinstance(target, nn.Module):
+        children = [name for name, _ in pl_module.named_children()]
+        raise MisconfigurationException(
+            f"{who}(attr={attr!r}): {type(pl_module).__name__} has no network at .{attr} (its children: {children}); "
+            "set attr to the attribute holding the network, or attr=None for the whole LightningModule"
+        )
+    return target
+
+
+class ReparamConvert(Callback):
+    """Convert the network's conv+BN pairs into ACB, DBB or RepVGG blocks at ``setup``.
+
+    Args:
+        block: ``"acb"``, ``"dbb"`` or ``"repvgg"``.
+        preserve: keep the network's function (extra branches start at zero), e.g. to fine-tune a trained model;
+            default ``False`` (train from scratch with the blocks' own initialisation).
+        attr: attribute of the LightningModule holding the network (``ImageClassifier`` keeps it in ``net``);
+            ``None`` converts the whole LightningModule.
+        block_kwargs: extra block arguments, e.g. ``{"gamma_init": 0.333}`` for ACB.
+
+    Raises:
+        MisconfigurationException: for an unknown block, or (at setup) a missing ``attr``.
+        ValueError: at setup, when the network has no eligible conv+BN pair.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ReparamConvert("acb"), ReparamFuse()])
+        trainer.fit(ImageClassifier("resnet18", num_classes=10), datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        block: Literal["acb", "dbb", "repvgg"] = "acb",
+        preserve: bool = False,
+        attr: str | None = "net",
+        block_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if block not in BLOCKS:
+            raise MisconfigurationException(f"ReparamConvert(block={block!r}): allowed: {', '.join(map(repr, BLOCKS))}")
+        self.block, self.preserve, self.attr = block, preserve, attr
+        self.block_kwargs = dict(block_kwargs or {})
+        self.converted = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        net = resolve_network(pl_module, self.attr, "ReparamConvert")
+        if getattr(net, CONVERTED_MARK, None) is not None:
+            return
+        before = sum(isinstance(m, ReparamBlock) for m in net.modules())
+        convert_model(net, self.block, preserve=self.preserve, **self.block_kwargs)
+        object.__setattr__(net, CONVERTED_MARK, self.block)
+        self.converted = sum(isinstance(m, ReparamBlock) for m in net.modules()) - before
+        params = sum(p.numel() for p in net.parameters())
+        rank_zero_info(
+            f"ReparamConvert: {self.converted} conv+BN pairs -> {self.block} blocks "
+            f"(preserve={self.preserve}); {params:,} parameters in training form"
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "preserve": self.preserve, "converted": self.converted}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("block", self.block) != self.block:
+            raise MisconfigurationException(
+                f"ReparamConvert: the checkpoint was trained with block={state_dict['block']!r}, "
+                f"this run converts to block={self.block!r}"
+            )
+        self.converted = state_dict.get("converted", self.converted)

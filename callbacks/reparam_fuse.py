@@ -1,0 +1,336 @@
+"""``ReparamFuse``: at the end of fit, build, verify and write the deploy form of the trained network.
+
+What happens in ``on_fit_end`` (DDP is unwrapped, SyncBatchNorm reverted, the module on CPU, every checkpoint written):
+
+1. a **deep copy** of the network is converted through the protocol (``fuse()`` -> replacement, else
+   ``reparameterize()``, else ``switch_to_deploy()``; the root too; each module once), then the remaining
+   conv -> BN pairs are folded (``fold_bn``); the training network is never modified;
+2. both forms run **in eval mode** on a real batch (the datamodule's ``sample_batch``, else the first validation or
+   training batch, else random inputs of ``input_shape``); the largest error relative to ``max |y|`` is compared with
+   ``rtol`` (default 1e-4 in float32, 5e-2 for bf16/fp16 weights);
+3. the report (error, parameters and BatchNorms before/after, what was converted) goes to the loggers
+   (``log_metrics``), the console and ``<run dir>/reparam_report.json``;
+4. rank 0 writes ``<run dir>/deploy.pt`` atomically (read it back with :func:`lightning_nd.reparam.load_deploy`),
+   optionally also TorchScript (``.ts``) and ONNX (``.onnx``); all ranks then meet at a barrier.
+
+The in-memory LightningModule keeps its training form during fit, because with ``ddp_spawn`` the main process only
+receives the worker's weights through a ``strict=False`` load that would silently drop fused keys. With ``swap=True``,
+later ``trainer.test`` / ``validate`` / ``predict`` calls fuse the network that was just loaded (the current weights
+or ``ckpt_path="best"``) at the start of the loop and put the deploy form in place; the next ``setup`` puts the
+training form back first, so checkpoints always load into the form they were written from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_nd.callbacks.reparam_convert import resolve_network
+from lightning_nd.reparam import count_batchnorms, reparameterize_with_stats, save_deploy
+from lightning_nd.reparam.protocol import METHODS
+from lightning_nd.utils import atomic_write, atomic_write_text, run_dir
+
+EXPORTS = ("torchscript", "onnx")
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The input tensor of a batch: ``x`` of ``(x, y)``, the first tensor value of a dict, or the batch itself."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return first_tensor(batch[0])
+    if isinstance(batch, dict):
+        for value in batch.values():
+            found = first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+@torch.no_grad()
+def relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+    """``(max |y_ref - y|, max |y_ref|, max |y_ref - y| / max |y_ref|)`` with both models in eval mode.
+
+    The training flags are restored afterwards.
+    """
+    modes = reference.training, candidate.training
+    reference.eval()
+    candidate.eval()
+    try:
+        y_ref, y = first_tensor(reference(x)), first_tensor(candidate(x))
+    finally:
+        reference.train(modes[0])
+        candidate.train(modes[1])
+    diff = (y_ref.float() - y.float()).abs().max().item()
+    scale = y_ref.float().abs().max().item()
+    return diff, scale, diff / scale if scale > 0 else diff
+
+
+class ReparamFuse(Callback):
+    """Fuse the trained network into its deploy form at the end of fit; verify it; write it on rank 0.
+
+    Args:
+        attr: attribute of the LightningModule holding the network (``ImageClassifier``: ``net``); ``None`` fuses
+            the whole LightningModule.
+        fold_bn: also fold the conv -> BN pairs that no block covers (e.g. a plain stem).
+        check: run the eval-mode equivalence check on a real batch.
+        check_samples: samples in the check batch.
+        rtol: largest allowed ``max |dy| / max |y|``; default 1e-4 (float32/64 weights) or 5e-2 (bf16/fp16).
+        strict: raise ``RuntimeError`` when the check fails (after writing the report, before writing the model);
+            ``False`` warns and writes anyway.
+        save: write the deploy model (``deploy_path``, default ``<run dir>/deploy.pt``).
+        deploy_path: where to write it.
+        export: also write ``"torchscript"`` (traced, ``.ts``) and/or ``"onnx"`` (``.onnx``, dynamic batch axis).
+        swap: make later ``trainer.test``/``validate``/``predict`` run the deploy form (needs ``attr``).
+        input_shape: ``(C, H, W)`` of random check inputs when no data is attached.
+        methods: protocol method names in priority order.
+
+    Raises:
+        MisconfigurationException: for bad arguments (unknown export, non-positive ``check_samples`` or ``rtol``,
+            ``swap`` without ``attr``, an unknown method) or a missing ``attr`` at setup.
+        RuntimeError: at the end of fit, when ``strict`` and the deploy form differs by more than ``rtol``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ReparamConvert("dbb"), ReparamFuse(export=["onnx"], swap=True)])
+        trainer.fit(model, datamodule=dm)
+        trainer.test(model, datamodule=dm, ckpt_path="best")    # runs the fused network of the best checkpoint
+        deploy = load_deploy(Path(trainer.log_dir) / "deploy.pt")
+    """
+
+    def __init__(
+        self,
+        attr: str | None = "net",
+        fold_bn: bool = True,
+        check: bool = True,
+        check_samples: int = 8,
+        rtol: float | None = None,
+        strict: bool = True,
+        save: bool = True,
+        deploy_path: str | None = None,
+        export: list[Literal["torchscript", "onnx"]] | None = None,
+        swap: bool = False,
+        input_shape: tuple[int, ...] | None = None,
+        methods: tuple[str, ...] = METHODS,
+    ) -> None:
+        export = list(export or [])
+        bad = [e for e in export if e not in EXPORTS]
+        if bad:
+            raise MisconfigurationException(f"ReparamFuse(export={bad}): allowed: {', '.join(EXPORTS)}")
+        if check_samples < 1:
+            raise MisconfigurationException(f"ReparamFuse(check_samples={check_samples}): must be >= 1")
+        if rtol is not None and not (rtol > 0 and math.isfinite(rtol)):
+            raise MisconfigurationException(f"ReparamFuse(rtol={rtol}): must be a positive number")
+        if swap and attr is None:
+            raise MisconfigurationException("ReparamFuse(swap=True) needs attr: the network to swap on the module")
+        if not methods or any(m not in METHODS for m in methods):
+            raise MisconfigurationException(f"ReparamFuse(methods={methods!r}): each must be one of {METHODS}")
+        self.attr, self.fold_bn, self.check, self.check_samples = attr, fold_bn, check, check_samples
+        self.rtol, self.strict, self.save, self.deploy_path = rtol, strict, save, deploy_path
+        self.export, self.swap, self.input_shape, self.methods = export, swap, input_shape, tuple(methods)
+        self.report: dict[str, Any] | None = None
+        self.deploy_file: str | None = None
+        self._train_net: nn.Module | None = None
+        self._deploy_net: nn.Module | None = None
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._swap_back(pl_module)
+        resolve_network(pl_module, self.attr, "ReparamFuse")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        deploy, report = self.fuse(trainer, pl_module)
+        folder = run_dir(trainer)  # a collective: every rank
+        self.report = report
+        failed = report.get("passed") is False
+        if trainer.is_global_zero:
+            atomic_write_text(json.dumps(report, indent=2), folder / "reparam_report.json")
+            if self.save and not (failed and self.strict):
+                self.deploy_file = str(self._write(deploy, report, folder, trainer, pl_module))
+        self.deploy_file = trainer.strategy.broadcast(self.deploy_file, src=0)
+        trainer.strategy.barrier()
+        if failed:
+            message = (
+                f"ReparamFuse: the deploy form differs from the training form by {report['max_rel_error']:.3g} "
+                f"(relative to max|y|), above rtol={report['rtol']:.3g}; see {folder / 'reparam_report.json'}"
+            )
+            if self.strict:
+                raise RuntimeError(message + " (strict=True: no deploy model written)")
+            rank_zero_warn(message)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._swap_in(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"report": self.report, "deploy_file": self.deploy_file}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Checkpoints are written before on_fit_end, so they never hold a newer report than this callback's own.
+        if self.report is None:
+            self.report = state_dict.get("report")
+            self.deploy_file = state_dict.get("deploy_file")
+
+    # ---------------------------------------------------------------------------------------------- work
+    def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, dict[str, Any]]:
+        """The deploy form of the module's network (a new module) and its report; the network is untouched."""
+        net = resolve_network(pl_module, self.attr, "ReparamFuse")
+        deploy, stats = reparameterize_with_stats(net, fold_bn=self.fold_bn, methods=self.methods, warn=False)
+        if stats.total == 0:
+            rank_zero_warn(
+                f"ReparamFuse: nothing to fuse in {type(net).__name__}: no module has {'/'.join(self.methods)}() "
+                f"{'and no conv -> BN pair was found' if self.fold_bn else '(fold_bn=False)'}; the deploy model "
+                "equals the trained one"
+            )
+        dtype = next((p.dtype for p in net.parameters()), torch.float32)
+        half = dtype in (torch.float16, torch.bfloat16)
+        report: dict[str, Any] = {
+            "converted": dict(stats.converted),
+            "folded_bn": stats.folded_bn,
+            "params_train": sum(p.numel() for p in net.parameters()),
+            "params_deploy": sum(p.numel() for p in deploy.parameters()),
+            "batchnorms_train": count_batchnorms(net),
+            "batchnorms_deploy": count_batchnorms(deploy),
+            "dtype": str(dtype).replace("torch.", ""),
+            "rtol": self.rtol if self.rtol is not None else (5e-2 if half else 1e-4),
+            "global_step": trainer.global_step,
+        }
+        x = self._example_input(trainer, net) if self.check else None
+        if x is not None:
+            abs_err, scale, rel_err = relative_error(net, deploy, x)
+            report.update(
+                max_abs_error=abs_err, max_abs_output=scale, max_rel_error=rel_err, check_batch=list(x.shape),
+                passed=bool(rel_err <= report["rtol"]),
+            )
+        elif self.check:
+            rank_zero_warn("ReparamFuse: no batch to check with (no datamodule/dataloader, no input_shape): skipped")
+        self._log(trainer, report)
+        return deploy, report
+
+    def _example_input(self, trainer: pl.Trainer, net: nn.Module) -> torch.Tensor | None:
+        x = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "sample_batch"):
+            x = first_tensor(datamodule.sample_batch(self.check_samples, "val"))
+        if x is None:
+            for loaders in (trainer.val_dataloaders, trainer.train_dataloader, trainer.test_dataloaders):
+                loader = first_tensor_loader(loaders)
+                if loader is not None:
+                    x = first_tensor(next(iter(loader)))
+                    if x is not None:
+                        break
+        if x is None and self.input_shape is not None:
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(self.check_samples, *self.input_shape, generator=generator)
+        if x is None:
+            return None
+        ref = next((p for p in net.parameters()), None)
+        x = x[: self.check_samples]
+        if ref is not None:
+            x = x.to(ref.device, dtype=ref.dtype if x.is_floating_point() else x.dtype)
+        return x
+
+    def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        keys = ("max_rel_error", "max_abs_error", "params_train", "params_deploy", "batchnorms_deploy")
+        metrics = {f"reparam/{k}": float(report[k]) for k in keys if k in report}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        err = f"max rel. error {report['max_rel_error']:.2e}" if "max_rel_error" in report else "not checked"
+        rank_zero_info(
+            f"ReparamFuse: {report['converted']} + {report['folded_bn']} folded BN; params {report['params_train']:,} "
+            f"-> {report['params_deploy']:,}; BN {report['batchnorms_train']} -> {report['batchnorms_deploy']}; {err}"
+        )
+
+    def _write(
+        self, deploy: nn.Module, report: dict[str, Any], folder: Path, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> Path:
+        path = Path(self.deploy_path) if self.deploy_path else folder / "deploy.pt"
+        deploy = deploy.eval()
+        save_deploy(deploy, path, report, fold_bn=self.fold_bn)
+        if self.export:
+            net = resolve_network(pl_module, self.attr, "ReparamFuse")
+            x = self._example_input(trainer, net)
+            if x is None:
+                rank_zero_warn(f"ReparamFuse: no example input, skipped export {self.export}")
+                return path
+            with torch.no_grad():
+                if "torchscript" in self.export:
+                    traced = torch.jit.trace(deploy, x[:1])
+                    atomic_write(path.with_suffix(".ts"), lambda tmp: torch.jit.save(traced, tmp))
+                if "onnx" in self.export:
+                    atomic_write(path.with_suffix(".onnx"), lambda tmp: _onnx_export(deploy, x[:1], tmp))
+        return path
+
+    # ---------------------------------------------------------------------------------------------- swap
+    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.swap or self.attr is None:
+            return
+        self._swap_back(pl_module)
+        deploy, report = self.fuse(trainer, pl_module)
+        if report.get("passed") is False and self.strict:
+            raise RuntimeError(
+                f"ReparamFuse: deploy form differs by {report['max_rel_error']:.3g} > rtol={report['rtol']:.3g}; "
+                "not swapping it in"
+            )
+        train_net = resolve_network(pl_module, self.attr, "ReparamFuse")
+        deploy.train(train_net.training)
+        _set_network(pl_module, self.attr, deploy)
+        self._train_net, self._deploy_net = train_net, deploy
+
+    def _swap_back(self, pl_module: pl.LightningModule) -> None:
+        if self._train_net is None or self.attr is None:
+            return
+        current = resolve_network(pl_module, self.attr, "ReparamFuse")
+        if current is self._deploy_net:
+            _set_network(pl_module, self.attr, self._train_net)
+        self._train_net = self._deploy_net = None
+
+
+def first_tensor_loader(loaders: Any) -> Any:
+    """The first dataloader of whatever ``trainer.*_dataloader(s)`` holds (a loader, list, tuple or dict)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def _set_network(pl_module: pl.LightningModule, attr: str, value: nn.Module) -> None:
+    *parents, name = attr.split(".")
+    owner: Any = pl_module
+    for part in parents:
+        owner = getattr(owner, part)
+    setattr(owner, name, value)
+
+
+def _onnx_export(model: nn.Module, x: torch.Tensor, path: str) -> None:
+    torch.onnx.export(
+        model, (x,), path, input_names=["input"], output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False,
+    )

@@ -1,0 +1,73 @@
+"""The Jacobian-regularisation schedule of locuslab/deq (Bai, Koltun, Kolter, ICML 2021).
+
+The auxiliary loss is the Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` (:func:`lightning_nd.implicit.jacobian_loss`,
+computed by a :class:`~lightning_nd.implicit.DEQ` when its ``jac_reg`` flag is on). It is expensive (a double
+backward), so locuslab/deq applies it stochastically (probability ``JAC_LOSS_FREQ`` per step), with a weight that grows
+by ``+0.1`` every ``JAC_INCREMENTAL`` steps after the warm-up, switched off after ``JAC_STOP_EPOCH``, and a separate
+weight during the unrolled warm-up (``PRETRAIN_JAC_LOSS_WEIGHT``). :class:`JacobianSchedule` reproduces that.
+
+Every decision is a pure function of ``(seed, step, epoch)``, so all DDP ranks agree without communication and a
+resumed run makes the same decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class JacobianSchedule:
+    """When and how strongly to apply the Jacobian-regularisation loss.
+
+    Raises:
+        ValueError: for a negative weight, increment or interval, a probability outside [0, 1], a negative stop epoch.
+
+    Example::
+
+        sched = JacobianSchedule(weight=2.5, prob=0.08, increment=0.1, increment_every=50_000, stop_epoch=90)
+        if sched.active(step, epoch):
+            loss = loss + sched.weight_at(step, warmup=False) * deq.jac_loss
+    """
+
+    weight: float = 0.0  # base weight (JAC_LOSS_WEIGHT); 0 disables the loss
+    prob: float = 1.0  # probability of computing the loss at a step (JAC_LOSS_FREQ)
+    increment: float = 0.1  # added to the weight every `increment_every` steps after `start_step`
+    increment_every: int = 0  # JAC_INCREMENTAL; 0 keeps the weight constant
+    start_step: int = 0  # growth counts from here (locuslab: PRETRAIN_STEPS)
+    stop_epoch: int | None = None  # no regularisation from this epoch on (JAC_STOP_EPOCH)
+    warmup_weight: float = 0.0  # weight while the DEQ runs unrolled (PRETRAIN_JAC_LOSS_WEIGHT)
+    seed: int = 0  # seed of the per-step coin flips (shared by all ranks)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.warmup_weight < 0 or self.increment < 0:
+            raise ValueError(
+                f"weight={self.weight}, warmup_weight={self.warmup_weight}, increment={self.increment} must be >= 0"
+            )
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"prob={self.prob} must be in [0, 1]")
+        if self.increment_every < 0 or self.start_step < 0:
+            raise ValueError(f"increment_every={self.increment_every}, start_step={self.start_step} must be >= 0")
+        if self.stop_epoch is not None and self.stop_epoch < 0:
+            raise ValueError(f"stop_epoch={self.stop_epoch} must be None or >= 0")
+
+    def weight_at(self, step: int, warmup: bool = False) -> float:
+        """The loss weight at optimizer step ``step`` (``warmup``: the DEQ is in its unrolled stage)."""
+        if warmup:
+            return self.warmup_weight
+        w = self.weight
+        if self.increment_every > 0 and step >= self.start_step:
+            w += self.increment * ((step - self.start_step) // self.increment_every)
+        return w
+
+    def active(self, step: int, epoch: int, warmup: bool = False) -> bool:
+        """Whether to compute the loss at this step: weight > 0, before ``stop_epoch``, and the step's coin flip."""
+        if self.weight_at(step, warmup) <= 0:
+            return False
+        if self.stop_epoch is not None and epoch >= self.stop_epoch:
+            return False
+        if self.prob >= 1.0:
+            return True
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return bool(torch.rand((), generator=gen) < self.prob)

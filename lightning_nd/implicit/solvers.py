@@ -1,0 +1,405 @@
+"""Fixed-point solvers for z* = f(z*): plain/damped iteration, Anderson acceleration, limited-memory Broyden.
+
+Every solver works on a ``(B, D)`` matrix (one flattened state per sample), keeps its own state in float32 (float64
+stays float64) even under bf16/fp16 autocast, and reports **per-sample** statistics (:class:`SolverStats`): absolute
+residual ``||f(z) - z||``, relative residual ``||f(z) - z|| / (||f(z)|| + 1e-9)``, the step at which the returned
+iterate was found, and the traces. The iterate returned is the **best** one per sample (lowest residual in the stop
+mode), starting from ``z0`` itself, so a solver that never improves still returns something finite. A solver stops
+when the **worst** sample meets the tolerance, when the iteration cap is reached, or (protective break) when a
+residual turns non-finite or grows ``1e6`` times above its first value.
+
+:func:`solve` is the entry point; it accepts a tensor or a tuple/list of tensors for ``z0`` (``f`` then receives and
+returns the same structure) and looks the solver up in the registry by name: ``"fixed_point"`` (alias
+``"fixed_point_iter"``), ``"anderson"``, ``"broyden"``. :func:`register_solver` adds more.
+
+Example::
+
+    z, stats = solve("anderson", lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), tol=1e-6, max_iter=50)
+    print(stats.nfe, stats.abs.max())
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_nd.implicit.structure import State, flatten, solver_dtype, spec_of, unflatten
+
+STOP_MODES = ("abs", "rel")
+DIVERGENCE_FACTOR = 1e6  # protective break: residual above this multiple of the first residual
+EPS = 1e-9  # relative-residual denominator guard
+
+FlatFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SolverStats:
+    """Statistics of one solve. Tensors are per sample (length B) and detached.
+
+    Attributes:
+        solver: registry name of the solver.
+        nfe: function evaluations spent (the same for every sample).
+        nstep: per sample, the evaluation (1-based) that produced the returned iterate.
+        abs: per sample, absolute residual of the returned iterate.
+        rel: per sample, relative residual of the returned iterate.
+        converged: per sample, whether the residual in ``stop_mode`` is below ``tol``.
+        diverged: the protective break fired (non-finite or exploding residual).
+        tol, stop_mode, max_iter: the stopping rule used.
+        abs_trace, rel_trace: ``(B, nfe)`` residual of every evaluated iterate.
+    """
+
+    solver: str
+    nfe: int
+    nstep: torch.Tensor
+    abs: torch.Tensor
+    rel: torch.Tensor
+    converged: torch.Tensor
+    diverged: bool
+    tol: float
+    stop_mode: str
+    max_iter: int
+    abs_trace: torch.Tensor = field(repr=False)
+    rel_trace: torch.Tensor = field(repr=False)
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """Per-sample residual in the stop mode."""
+        return self.abs if self.stop_mode == "abs" else self.rel
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for logging: mean and max of the residuals and steps, the converged share, divergence flag."""
+        return {
+            "nfe": float(self.nfe),
+            "nstep_mean": float(self.nstep.float().mean()),
+            "nstep_max": float(self.nstep.max()),
+            "abs_mean": float(self.abs.mean()),
+            "abs_max": float(self.abs.max()),
+            "rel_mean": float(self.rel.mean()),
+            "rel_max": float(self.rel.max()),
+            "converged": float(self.converged.float().mean()),
+            "diverged": float(self.diverged),
+        }
+
+
+class _Tracker:
+    """Keeps the best iterate per sample, the traces and the stopping decision."""
+
+    def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str) -> None:
+        self.tol, self.stop_mode = tol, stop_mode
+        b = z0.shape[0]
+        self.best = z0.clone()
+        self.best_metric = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_abs = self.best_metric.clone()
+        self.best_rel = self.best_metric.clone()
+        self.best_step = torch.zeros(b, dtype=torch.long, device=z0.device)
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+        self.first: torch.Tensor | None = None
+        self.nfe = 0
+        self.diverged = False
+
+    def record(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
+        """Record the residual of iterate ``z`` (with value ``fz``); return True when the solve should stop."""
+        self.nfe += 1
+        abs_res = (fz - z).norm(dim=1)
+        rel_res = abs_res / (fz.norm(dim=1) + EPS)
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        metric = abs_res if self.stop_mode == "abs" else rel_res
+        better = metric < self.best_metric  # False for NaN: a NaN iterate is never kept
+        self.best = torch.where(better[:, None], z, self.best)
+        self.best_metric = torch.where(better, metric, self.best_metric)
+        self.best_abs = torch.where(better, abs_res, self.best_abs)
+        self.best_rel = torch.where(better, rel_res, self.best_rel)
+        self.best_step = torch.where(better, torch.full_like(self.best_step, self.nfe), self.best_step)
+        if self.first is None:
+            self.first = abs_res.clone()
+        if not bool(torch.isfinite(abs_res).all()) or bool((abs_res > DIVERGENCE_FACTOR * (self.first + EPS)).any()):
+            self.diverged = True
+            return True
+        return bool(self.best_metric.max() < self.tol)
+
+    def stats(self, name: str, max_iter: int) -> SolverStats:
+        return SolverStats(
+            solver=name,
+            nfe=self.nfe,
+            nstep=self.best_step,
+            abs=self.best_abs,
+            rel=self.best_rel,
+            converged=self.best_metric < self.tol,
+            diverged=self.diverged,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            max_iter=max_iter,
+            abs_trace=torch.stack(self.abs_trace, dim=1),
+            rel_trace=torch.stack(self.rel_trace, dim=1),
+        )
+
+
+def fixed_point(
+    f: FlatFn, z0: torch.Tensor, *, tol: float, max_iter: int, stop_mode: str, tau: float = 1.0
+) -> tuple[torch.Tensor, SolverStats]:
+    """Damped fixed-point iteration ``z <- tau * f(z) + (1 - tau) * z`` on a ``(B, D)`` matrix.
+
+    Args:
+        tau: damping in (0, 1]; 1 is plain iteration.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"fixed_point tau={tau} must be in (0, 1]")
+    track = _Tracker(z0, tol, stop_mode)
+    z = z0
+    for _ in range(max_iter):
+        fz = f(z)
+        if track.record(z, fz):
+            break
+        z = fz if tau == 1.0 else tau * fz + (1.0 - tau) * z
+    return track.best, track.stats("fixed_point", max_iter)
+
+
+def anderson(
+    f: FlatFn,
+    z0: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    stop_mode: str,
+    m: int = 6,
+    lam: float = 1e-4,
+    beta: float = 1.0,
+    relative_lam: bool = True,
+) -> tuple[torch.Tensor, SolverStats]:
+    """Anderson acceleration with history ``m``, Tikhonov regularisation ``lam`` and mixing ``beta``.
+
+    ``relative_lam=True`` (default) scales ``lam`` by the mean of ``diag(G G^T)`` so the regularisation does not swamp
+    the system once residuals are small (with the absolute ``lam`` of locuslab/deq and torchdeq, Anderson degrades
+    to averaging near the tolerance and can need more evaluations than plain iteration); ``False`` gives their form.
+    Solves the bordered system ``[[0, 1^T], [1, G G^T + lam I]] [nu, alpha] = [1, 0]`` per sample with
+    ``torch.linalg.solve_ex``; a sample whose system is singular falls back to a plain step (``alpha`` = the newest
+    iterate) instead of failing the batch (locuslab/deq#20).
+    """
+    if m < 2:
+        raise ValueError(f"anderson m={m} must be >= 2")
+    if lam < 0:
+        raise ValueError(f"anderson lam={lam} must be >= 0")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"anderson beta={beta} must be in (0, 1]")
+    b, d = z0.shape
+    track = _Tracker(z0, tol, stop_mode)
+    X = z0.new_zeros(b, m, d)
+    F = z0.new_zeros(b, m, d)
+    X[:, 0] = z0
+    F[:, 0] = f(z0)
+    if track.record(X[:, 0], F[:, 0]) or max_iter == 1:
+        return track.best, track.stats("anderson", max_iter)
+    X[:, 1] = F[:, 0]
+    F[:, 1] = f(F[:, 0])
+    if track.record(X[:, 1], F[:, 1]):
+        return track.best, track.stats("anderson", max_iter)
+    H = z0.new_zeros(b, m + 1, m + 1)
+    H[:, 0, 1:] = 1.0
+    H[:, 1:, 0] = 1.0
+    y = z0.new_zeros(b, m + 1, 1)
+    y[:, 0] = 1.0
+    for k in range(2, max_iter):
+        n = min(k, m)
+        G = F[:, :n] - X[:, :n]
+        GG = G @ G.transpose(1, 2)
+        scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None] if relative_lam else 1.0
+        H[:, 1 : n + 1, 1 : n + 1] = GG + lam * scale * torch.eye(n, dtype=z0.dtype, device=z0.device)
+        sol, info = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], y[:, : n + 1])
+        alpha = sol[:, 1 : n + 1, 0]
+        bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
+        if bool(bad.any()):
+            plain = torch.zeros_like(alpha)
+            plain[:, (k - 1) % m] = 1.0  # newest stored pair
+            alpha = torch.where(bad[:, None], plain, alpha)
+        new = (alpha[:, None] @ F[:, :n])[:, 0]
+        if beta != 1.0:
+            new = beta * new + (1.0 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+        X[:, k % m] = new
+        F[:, k % m] = f(new)
+        if track.record(X[:, k % m], F[:, k % m]):
+            break
+    return track.best, track.stats("anderson", max_iter)
+
+
+def _rmatvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T (-I + U V^T) for the inverse-Jacobian estimate."""
+    if us.shape[-1] == 0:
+        return -x
+    return -x + torch.einsum("bl,bld->bd", torch.einsum("bd,bdl->bl", x, us), vts)
+
+
+def _matvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(-I + U V^T) x for the inverse-Jacobian estimate."""
+    if us.shape[-1] == 0:
+        return -x
+    return -x + torch.einsum("bdl,bl->bd", us, torch.einsum("bld,bd->bl", vts, x))
+
+
+def broyden(
+    f: FlatFn, z0: torch.Tensor, *, tol: float, max_iter: int, stop_mode: str, memory: int = 27
+) -> tuple[torch.Tensor, SolverStats]:
+    """Limited-memory ("good") Broyden on g(z) = f(z) - z, without line search (locuslab/mdeq, torchdeq).
+
+    The inverse Jacobian of g is approximated by ``-I + U V^T`` with at most ``memory`` rank-1 factors kept in a
+    circular buffer, so the solver's memory is ``2 * memory * D`` per sample whatever ``max_iter`` is (the full-memory
+    variant of locuslab/deq grows with the cap, locuslab/deq#28).
+    """
+    if memory < 1:
+        raise ValueError(f"broyden memory={memory} must be >= 1")
+    b, d = z0.shape
+    mem = min(memory, max_iter)
+    track = _Tracker(z0, tol, stop_mode)
+    z = z0
+    fz = f(z)
+    gz = fz - z
+    if track.record(z, fz):
+        return track.best, track.stats("broyden", max_iter)
+    us = z0.new_zeros(b, d, mem)
+    vts = z0.new_zeros(b, mem, d)
+    update = gz  # -(-I)^{-1} g
+    used = 0
+    while track.nfe < max_iter:
+        z_new = z + update
+        fz = f(z_new)
+        g_new = fz - z_new
+        dz, dg = z_new - z, g_new - gz
+        z, gz = z_new, g_new
+        if track.record(z, fz):
+            break
+        part_u, part_vt = us[:, :, :used], vts[:, :used]
+        vt = _rmatvec(part_u, part_vt, dz)
+        denom = torch.einsum("bd,bd->b", vt, dg)
+        ok = torch.isfinite(denom) & (denom.abs() > 1e-30)
+        u = (dz - _matvec(part_u, part_vt, dg)) / torch.where(ok, denom, torch.ones_like(denom))[:, None]
+        u = torch.where(ok[:, None] & torch.isfinite(u), u, torch.zeros_like(u))
+        vt = torch.where(ok[:, None] & torch.isfinite(vt), vt, torch.zeros_like(vt))
+        slot = (track.nfe - 2) % mem
+        us[:, :, slot] = u
+        vts[:, slot] = vt
+        used = min(used + 1, mem)
+        update = -_matvec(us[:, :, :used], vts[:, :used], gz)
+    return track.best, track.stats("broyden", max_iter)
+
+
+SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {}
+
+
+def register_solver(name: str, fn: Callable[..., tuple[torch.Tensor, SolverStats]] | None = None) -> Any:
+    """Register a solver ``fn(f, z0, *, tol, max_iter, stop_mode, **options) -> (z, SolverStats)`` under ``name``.
+
+    Usable as ``register_solver("name", fn)`` or as a decorator ``@register_solver("name")``.
+
+    Raises:
+        ValueError: if the name is already taken.
+    """
+
+    def deco(func: Callable[..., tuple[torch.Tensor, SolverStats]]) -> Callable[..., tuple[torch.Tensor, SolverStats]]:
+        if name in SOLVERS:
+            raise ValueError(f"a solver named {name!r} is already registered")
+        SOLVERS[name] = func
+        return func
+
+    return deco(fn) if fn is not None else deco
+
+
+register_solver("fixed_point", fixed_point)
+register_solver("fixed_point_iter", fixed_point)  # torchdeq's name
+register_solver("anderson", anderson)
+register_solver("broyden", broyden)
+
+
+def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, SolverStats]]:
+    """Look a solver up by name.
+
+    Raises:
+        ValueError: for an unknown name, listing the registered ones.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def solver_options(name: str) -> list[str]:
+    """The solver-specific keyword options of ``name`` (for example ``['beta', 'lam', 'm']`` for Anderson)."""
+    params = inspect.signature(get_solver(name)).parameters
+    return sorted(p for p in params if p not in ("f", "z0", "tol", "max_iter", "stop_mode"))
+
+
+def check_solver_args(name: str, tol: float, max_iter: int, stop_mode: str, options: dict[str, Any]) -> None:
+    """Validate a solver call without running it.
+
+    Raises:
+        ValueError: for an unknown solver, ``tol <= 0``, ``max_iter < 1``, an unknown stop mode or option.
+    """
+    get_solver(name)
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol={tol} must be > 0")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter={max_iter} must be an integer >= 1")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode={stop_mode!r} must be one of {list(STOP_MODES)}")
+    unknown = sorted(set(options) - set(solver_options(name)))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; allowed: {solver_options(name)}")
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        return False, torch.float32
+
+
+def solve(
+    name: str,
+    f: Callable[[State], State],
+    z0: State,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 40,
+    stop_mode: str = "abs",
+    **options: Any,
+) -> tuple[State, SolverStats]:
+    """Find z* = f(z*) from ``z0`` with the solver registered as ``name``.
+
+    ``f`` receives and returns the structure of ``z0`` (a tensor or a tuple/list of tensors with a shared batch
+    dimension). The solver's own arithmetic runs in float32 with autocast disabled; ``f`` itself runs under the
+    caller's autocast state, and its output is cast back to float32. Call it under ``torch.no_grad()`` (or inference
+    mode) unless you want to differentiate through the iterations.
+
+    Args:
+        name: registry name (``"fixed_point"``, ``"anderson"``, ``"broyden"``, or one you registered).
+        f: the map whose fixed point is wanted.
+        z0: the initial iterate.
+        tol: tolerance on the worst sample's residual in ``stop_mode``.
+        max_iter: cap on function evaluations.
+        stop_mode: ``"abs"`` or ``"rel"``.
+        **options: solver-specific options (``solver_options(name)`` lists them).
+
+    Returns:
+        The best iterate per sample (same structure and dtypes as ``z0``) and its :class:`SolverStats`.
+
+    Raises:
+        ValueError: for an unknown solver or option, ``tol <= 0``, ``max_iter < 1`` or an unknown stop mode.
+    """
+    check_solver_args(name, tol, max_iter, stop_mode, options)
+    spec = spec_of(z0)
+    first = z0 if isinstance(z0, torch.Tensor) else z0[0]
+    device_type = first.device.type
+    dtype = solver_dtype(flatten(z0).dtype)
+    enabled, ac_dtype = _autocast_state(device_type)
+
+    def flat_f(v: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
+            out = f(unflatten(v, spec))
+        return flatten(out, dtype)
+
+    with torch.autocast(device_type, enabled=False):
+        z, stats = get_solver(name)(flat_f, flatten(z0, dtype), tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
+    return unflatten(z, spec), stats

@@ -1,0 +1,91 @@
+"""``DEQClassifier``: an image classifier whose network contains equilibrium (DEQ) layers.
+
+The task logic is :class:`~lightning_nd.modules.ImageClassifier`'s (cross-entropy, accuracy metrics, optimizer
+wiring); this module adds the Jacobian-regularisation loss of its DEQ layers on the steps a
+:class:`~lightning_nd.implicit.JacobianSchedule` selects. Validation and test run under Lightning's default
+``inference_mode``: the DEQ's forward needs no autograd outside training (the solver runs without a graph and the
+final application is a plain call). Solver statistics are logged by the ``DEQMonitor`` callback, the unrolled
+warm-up is switched by ``DEQWarmup``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from typing_extensions import override
+
+from lightning_nd.implicit import MDEQ, JacobianSchedule, find_deqs
+from lightning_nd.modules.classifier import ImageClassifier
+
+
+class DEQClassifier(ImageClassifier):
+    """Train a network with DEQ layers (by default an :class:`~lightning_nd.implicit.MDEQ`) as a classifier.
+
+    Logs what :class:`ImageClassifier` logs, plus ``train/jac_loss`` and ``train/jac_weight`` on regularised steps.
+
+    Args:
+        model: the network (must contain at least one :class:`~lightning_nd.implicit.DEQ`); default an ``MDEQ``
+            built from ``num_classes``, ``in_chans`` and ``model_kwargs``.
+        num_classes: classes of the task.
+        in_chans: input channels (for the default MDEQ).
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        optimizer: callable taking the parameters; default SGD (``default_optimizer``).
+        lr_scheduler: callable taking the optimizer, stepped every epoch.
+        model_kwargs: keyword arguments of the default ``MDEQ`` (channels, ``deq`` options, ...).
+        jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch); default off.
+
+    Raises:
+        ValueError: if the network contains no DEQ layer, and for the :class:`ImageClassifier` errors.
+
+    Example::
+
+        model = DEQClassifier(num_classes=10, in_chans=1, model_kwargs={"channels": [8, 16], "head_channels": [4, 8]},
+                              jac_reg=JacobianSchedule(weight=0.5, prob=0.2))
+        trainer = Trainer(callbacks=[DEQMonitor(), DEQWarmup(warmup_steps=200)])
+        trainer.fit(model, datamodule=FashionMNISTDataModule())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        jac_reg: JacobianSchedule | None = None,
+    ) -> None:
+        if model is None:
+            model = MDEQ(num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        elif model_kwargs:
+            raise ValueError("model_kwargs only apply to the default MDEQ; configure the given model directly")
+        super().__init__(model, num_classes, in_chans, label_smoothing, optimizer, lr_scheduler)
+        if not find_deqs(self.net):
+            raise ValueError(f"DEQClassifier needs a network with at least one DEQ layer; {type(model).__name__} has none")
+        self.jac_schedule = jac_reg if jac_reg is not None else JacobianSchedule()
+
+    def _warm(self) -> bool:
+        return any(m.mode == "unrolled" for _, m in find_deqs(self.net))
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step, warm = self.global_step, self._warm()
+        active = self.jac_schedule.active(step, self.current_epoch, warm)
+        deqs = [m for _, m in find_deqs(self.net)]
+        for m in deqs:
+            m.jac_reg = active
+        loss = self._step(batch, "train")
+        jac = [m.jac_loss for m in deqs if getattr(m, "jac_loss", None) is not None]
+        for m in deqs:
+            m.jac_reg = False
+        if active and jac:
+            weight = self.jac_schedule.weight_at(step, warm)
+            jac_loss = torch.stack([j.float() for j in jac]).sum()
+            self.log("train/jac_loss", jac_loss.detach(), on_step=True, on_epoch=True)
+            self.log("train/jac_weight", weight, on_step=True, on_epoch=False)
+            loss = loss + weight * jac_loss
+        return loss

@@ -1,0 +1,170 @@
+"""The deploy protocol: turn every re-parameterizable module of any model into its inference form.
+
+Three method names are in use (reference: timm ``reparameterize_model``, ml-mobileone, DingXiaoH's repos):
+
+* ``fuse()`` returns a replacement module, which is set on the parent (timm RepViT, LeViT, TinyViT, ...);
+* ``reparameterize()`` converts in place (timm byobnet/FastViT/MobileOne, and every lightning_nd block);
+* ``switch_to_deploy()`` converts in place (official RepVGG, ACNet, DBB).
+
+:func:`reparameterize_model` walks the model top-down **starting at the root** (timm's helper skips the root), calls
+the first method a module has, in that order, then descends into what remains. Every converted module is marked, so a
+second call (or a model converted before) never calls a third-party converter twice (timm's FastViT ``RepMixer``
+raises on a second ``reparameterize()``). Optionally, remaining ``Conv2d -> BN`` pairs are folded
+(:func:`fold_conv_bn_pairs`), e.g. the 10 BNs timm's FastViT keeps in its ``ConvMlp``. The training flag of the
+model is preserved; outputs only agree in ``eval()`` (BNs in train mode use batch statistics).
+
+Example::
+
+    deploy = reparameterize_model(timm.create_model("mobileone_s0").eval(), fold_bn=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_nd.reparam.fusion import fold_bn
+from lightning_nd.reparam.pairs import bn_tail, find_conv_bn_pairs
+
+__all__ = ["METHODS", "ReparamStats", "fold_conv_bn_pairs", "reparameterize_model", "reparameterize_with_stats"]
+
+METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+_MARK = "_lnd_reparameterized"
+
+
+@dataclass
+class ReparamStats:
+    """What a conversion did."""
+
+    converted: dict[str, int] = field(default_factory=dict)  # method name -> modules converted by it
+    folded_bn: int = 0  # conv -> BN pairs folded by the generic pass
+    skipped: int = 0  # modules skipped because an earlier conversion marked them
+
+    @property
+    def total(self) -> int:
+        return sum(self.converted.values()) + self.folded_bn
+
+
+def _mark(module: nn.Module) -> None:
+    object.__setattr__(module, _MARK, True)
+
+
+def _convert(module: nn.Module, methods: tuple[str, ...], stats: ReparamStats) -> nn.Module:
+    """Convert ``module`` (maybe replacing it) and then its children; returns what takes its place."""
+    if getattr(module, _MARK, False):
+        stats.skipped += 1
+    else:
+        for name in methods:
+            method = getattr(module, name, None)
+            if not callable(method):
+                continue
+            result = method()
+            _mark(module)
+            stats.converted[name] = stats.converted.get(name, 0) + 1
+            if name == "fuse":
+                if not isinstance(result, nn.Module):
+                    raise TypeError(f"{type(module).__name__}.fuse() returned {type(result).__name__}, not a module")
+                _mark(result)
+                module = result
+            break
+    for child_name, child in list(module.named_children()):
+        new = _convert(child, methods, stats)
+        if new is not child:
+            setattr(module, child_name, new)
+    return module
+
+
+@torch.no_grad()
+def fold_conv_bn_pairs(model: nn.Module) -> int:
+    """Fold every remaining ``Conv2d -> _BatchNorm`` pair (see :mod:`lightning_nd.reparam.pairs`) in place.
+
+    The conv gets the folded kernel and a bias (computed in float32, cast back), the BN is replaced by
+    ``Identity`` (or by the dropout/activation of timm's ``BatchNormAct2d``). BNs without running statistics are
+    left alone. Returns the number of pairs folded.
+    """
+    count = 0
+    for pair in find_conv_bn_pairs(model):
+        conv, bn = pair.conv, pair.bn
+        if bn.running_mean is None:
+            continue
+        w, b = fold_bn(conv.weight, bn, conv.bias)
+        conv.weight.copy_(w.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+        conv.bias.copy_(b.to(conv.bias.dtype))
+        tail = bn_tail(bn)
+        tail.train(bn.training)
+        setattr(pair.parent, pair.bn_name, tail)
+        count += 1
+    return count
+
+
+def reparameterize_with_stats(
+    model: nn.Module,
+    inplace: bool = False,
+    fold_bn: bool = False,
+    methods: tuple[str, ...] = METHODS,
+    warn: bool = True,
+) -> tuple[nn.Module, ReparamStats]:
+    """:func:`reparameterize_model` that also returns :class:`ReparamStats`.
+
+    Raises:
+        ValueError: for an unknown method name.
+        TypeError: when a ``fuse()`` returns something that is not a module.
+    """
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods={methods!r}: each must be one of {METHODS}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    training = model.training
+    stats = ReparamStats()
+    model = _convert(model, tuple(methods), stats)
+    if fold_bn:
+        stats.folded_bn = fold_conv_bn_pairs(model)
+    model.train(training)
+    if warn and stats.total == 0:
+        hint = "" if fold_bn else " (fold_bn=True would also fold plain conv -> BN pairs)"
+        what = "already converted" if stats.skipped else "nothing to fuse"
+        warnings.warn(
+            f"reparameterize_model: {what} in {type(model).__name__}: no module has {'/'.join(methods)}(){hint}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model, stats
+
+
+def reparameterize_model(
+    model: nn.Module, inplace: bool = False, fold_bn: bool = False, methods: tuple[str, ...] = METHODS
+) -> nn.Module:
+    """The deploy form of ``model``: every module's ``fuse()``/``reparameterize()``/``switch_to_deploy()``, root included.
+
+    Args:
+        model: any model; its blocks may come from lightning_nd, timm or the official repos.
+        inplace: convert ``model`` itself; by default a deep copy is converted and returned.
+        fold_bn: also fold the remaining ``Conv2d -> BN`` pairs (inference only).
+        methods: the protocol's method names in priority order.
+
+    Raises:
+        ValueError: for an unknown method name.
+        TypeError: when a ``fuse()`` returns something that is not a module.
+
+    Warns:
+        UserWarning: when nothing was converted (nothing to fuse, or the model was converted before).
+
+    Example::
+
+        model = RepVGGBlock(8, 8).eval()
+        fused = reparameterize_model(model)     # model is untouched; fused has one conv
+    """
+    return reparameterize_with_stats(model, inplace, fold_bn, methods)[0]
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """Number of ``_BatchNorm`` modules left in ``model``."""
+    return sum(isinstance(m, _BatchNorm) for m in model.modules())

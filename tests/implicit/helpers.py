@@ -1,0 +1,57 @@
+"""Small cells shared by the implicit-model tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvCell(nn.Module):
+    """z <- tanh(conv(z) + x), scaled so the map is a contraction with a chosen strength."""
+
+    def __init__(self, channels: int = 4, scale: float = 0.5, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, dtype=dtype)
+        with torch.no_grad():
+            w = torch.randn(self.conv.weight.shape, generator=gen, dtype=dtype)
+            # ||conv||_2 <= ||w||_F (a bound), so scale < 1 guarantees a contraction
+            self.conv.weight.copy_(scale * w / w.norm())
+            self.conv.bias.copy_(0.1 * torch.randn(channels, generator=gen, dtype=dtype))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + x)
+
+
+class SlowConvCell(nn.Module):
+    """A slowly converging conv cell: z <- tanh(conv(z) + x) with a self-adjoint conv of norm ``radius``."""
+
+    def __init__(self, channels: int = 4, radius: float = 0.9, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, dtype=dtype)
+        with torch.no_grad():
+            w = torch.randn(self.conv.weight.shape, generator=gen, dtype=dtype)
+            w = w + w.transpose(0, 1).flip(2, 3)  # a self-adjoint operator: spectral radius = operator norm
+            self.conv.weight.copy_(w)
+            probe = torch.randn(1, channels, 8, 8, generator=gen, dtype=dtype)
+            for _ in range(50):  # power iteration for the conv's operator norm on 8x8 inputs
+                probe = torch.nn.functional.conv_transpose2d(self.conv(probe), self.conv.weight, padding=1)
+                probe = probe / probe.norm()
+            sigma = self.conv(probe).norm()
+            self.conv.weight.mul_(radius / sigma)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + x)
+
+
+def unrolled(cell: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
+    """n tracked applications from zero: the long-unrolled reference for gradients."""
+    z = torch.zeros_like(x)
+    for _ in range(n):
+        z = cell(z, x)
+    return z
+
+
+def flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1).clone() for p in params])
