@@ -29,87 +29,106 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run(neck: str, args: argparse.Namespace) -> dict[str, float]:
-    torch.manual_seed(args.seed)
-    net = build_detector("retinanet", num_classes=4, backbone="resnet18", neck=neck, returned_layers=[2, 3],
-                         out_channels=64, min_size=args.image_size, max_size=args.image_size)
+class Runner:
+    """One detector, its optimizer and its measurements."""
+
+    def __init__(self, neck: str, args: argparse.Namespace) -> None:
+        torch.manual_seed(args.seed)  # same initial backbone and head weights for every neck
+        self.neck = neck
+        self.net = build_detector("retinanet", num_classes=4, backbone="resnet18", neck=neck, returned_layers=[2, 3],
+                                  out_channels=64, min_size=args.image_size, max_size=args.image_size)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=1e-4)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=args.steps,
+                                                         pct_start=0.1)
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.f_nfe: list[int] = []
+        self.b_nfe: list[int] = []
+
+    def stats(self):
+        return getattr(self.net.backbone.fpn, "last_stats", None)
+
+    def train_step(self, images: list, targets: list) -> None:
+        self.net.train()
+        start = time.perf_counter()
+        loss = sum(self.net(images, targets).values())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)
+        self.opt.step()
+        self.sched.step()
+        self.step_times.append(time.perf_counter() - start)
+        self.losses.append(float(loss))
+        if self.stats() is not None:
+            self.f_nfe.append(self.stats().forward.nfe)
+            self.b_nfe.append(self.stats().backward.nfe if self.stats().backward is not None else 0)
+
+    def evaluate(self, val, batch_size: int) -> dict[str, float]:
+        self.net.eval()
+        metric, eval_times, eval_nfe = coco_map(), [], []
+        with torch.no_grad():
+            for lo in range(0, len(val), batch_size):
+                images, targets = detection_collate([val[i] for i in range(lo, min(lo + batch_size, len(val)))])
+                t0 = time.perf_counter()
+                preds = self.net(images)
+                eval_times.append((time.perf_counter() - t0) / len(images))
+                if self.stats() is not None:
+                    eval_nfe.append(self.stats().forward.nfe)
+                metric.update(preds, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        result = metric.compute()
+        return {
+            "map": float(result["map"]),
+            "map_50": float(result["map_50"]),
+            "neck_params": count(self.net.backbone.fpn),
+            "total_params": count(self.net),
+            "f_nfe": statistics.mean(self.f_nfe) if self.f_nfe else 0.0,
+            "b_nfe": statistics.mean(self.b_nfe) if self.b_nfe else 0.0,
+            "eval_nfe": statistics.mean(eval_nfe) if eval_nfe else 0.0,
+            "step_s": statistics.median(self.step_times),
+            "eval_s": statistics.median(eval_times),
+            "final_loss": statistics.mean(self.losses[-20:]),
+        }
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Train all necks in lockstep (same batch, one step each in turn) so that a shared, fluctuating CPU load
+    affects them alike; then evaluate each."""
     data = ShapesDetectionDataModule(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
                                      seed=args.seed)
     train, val = data.dataset("train"), data.dataset("val")
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    runners = [Runner(neck, args) for neck in args.necks.split(",")]
     order = torch.Generator().manual_seed(args.seed)
     perm: list[int] = []
-    step_times, f_nfe, b_nfe, losses = [], [], [], []
-    net.train()
     for step in range(args.steps):
         if len(perm) < args.batch_size:
             perm += torch.randperm(len(train), generator=order).tolist()
         images, targets = detection_collate([train[i] for i in perm[: args.batch_size]])
         del perm[: args.batch_size]
-        start = time.perf_counter()
-        loss = sum(net(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-        opt.step()
-        sched.step()
-        step_times.append(time.perf_counter() - start)
-        losses.append(float(loss))
-        stats = getattr(net.backbone.fpn, "last_stats", None)
-        if stats is not None:
-            f_nfe.append(stats.forward.nfe)
-            b_nfe.append(stats.backward.nfe if stats.backward is not None else 0)
-        if (step + 1) % max(args.steps // 10, 1) == 0:
-            print(f"  [{neck}] step {step + 1}/{args.steps} loss {statistics.mean(losses[-20:]):.3f}"
-                  + (f" nfe fwd {f_nfe[-1]} bwd {b_nfe[-1]}" if f_nfe else ""), flush=True)
-    net.eval()
-    metric, eval_times, eval_nfe = coco_map(), [], []
-    with torch.no_grad():
-        for start_idx in range(0, len(val), args.batch_size):
-            images, targets = detection_collate([val[i] for i in range(start_idx, min(start_idx + args.batch_size,
-                                                                                       len(val)))])
-            t0 = time.perf_counter()
-            preds = net(images)
-            eval_times.append((time.perf_counter() - t0) / len(images))
-            stats = getattr(net.backbone.fpn, "last_stats", None)
-            if stats is not None:
-                eval_nfe.append(stats.forward.nfe)
-            metric.update(preds, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
-    result = metric.compute()
-    return {
-        "map": float(result["map"]),
-        "map_50": float(result["map_50"]),
-        "neck_params": count(net.backbone.fpn),
-        "total_params": count(net),
-        "f_nfe": statistics.mean(f_nfe) if f_nfe else 0.0,
-        "b_nfe": statistics.mean(b_nfe) if b_nfe else 0.0,
-        "eval_nfe": statistics.mean(eval_nfe) if eval_nfe else 0.0,
-        "step_s": statistics.median(step_times),
-        "eval_s": statistics.median(eval_times),
-        "final_loss": statistics.mean(losses[-20:]),
-    }
+        for r in runners:
+            r.train_step(images, targets)
+        if (step + 1) % max(args.steps // 20, 1) == 0:
+            print(f"step {step + 1}/{args.steps} " + "  ".join(
+                f"{r.neck}: loss {statistics.mean(r.losses[-25:]):.3f} {1000 * statistics.median(r.step_times[-25:]):.0f} ms"
+                + (f" nfe {r.f_nfe[-1]}/{r.b_nfe[-1]}" if r.f_nfe else "") for r in runners), flush=True)
+    return {r.neck: r.evaluate(val, args.batch_size) for r in runners}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per neck (default 500, quick 20)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per neck (default 2000, quick 20)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=None, help="validation images (default 100, quick 8)")
+    parser.add_argument("--num-val", type=int, default=None, help="validation images (default 200, quick 8)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--necks", default="fpn,ifpn")
     args = parser.parse_args()
-    args.steps = args.steps or (20 if args.quick else 500)
-    args.num_val = args.num_val or (8 if args.quick else 100)
+    args.steps = args.steps or (20 if args.quick else 2000)
+    args.num_val = args.num_val or (8 if args.quick else 200)
     torch.set_num_threads(2)
-    rows = {}
-    for neck in args.necks.split(","):
-        print(f"training {neck} for {args.steps} steps", flush=True)
-        rows[neck] = run(neck, args)
+    rows = run(args)
     base = rows.get("fpn")
     print(f"\nRetinaNet, ResNet-18 to layer3 (from scratch), 64 channels, {args.image_size}px shapes, batch "
           f"{args.batch_size}, {args.steps} AdamW steps (one-cycle lr {args.lr}), {args.num_val} val images\n")

@@ -26,6 +26,7 @@ from lightning_nd.reparam import ReparamBlock, convert_model
 from lightning_nd.reparam.convert import BLOCKS
 
 CONVERTED_MARK = "_lnd_reparam_converted"
+TRAIN_FORM = "_lnd_train_form"
 
 
 def resolve_network(pl_module: pl.LightningModule, attr: str | None, who: str) -> nn.Module:
@@ -46,6 +47,32 @@ def resolve_network(pl_module: pl.LightningModule, attr: str | None, who: str) -
             "set attr to the attribute holding the network, or attr=None for the whole LightningModule"
         )
     return target
+
+
+def set_network(pl_module: pl.LightningModule, attr: str, value: nn.Module) -> None:
+    """Put ``value`` at ``pl_module.<attr>`` (dotted paths allowed)."""
+    *parents, name = attr.split(".")
+    owner: Any = pl_module
+    for part in parents:
+        owner = getattr(owner, part)
+    setattr(owner, name, value)
+
+
+def restore_train_form(pl_module: pl.LightningModule, attr: str | None) -> bool:
+    """If ``ReparamFuse(swap=True)`` put a deploy network at ``attr``, put the training form back; returns whether it did.
+
+    The deploy network remembers its training form (an unregistered attribute), so any callback instance, in any
+    later ``fit``/``test``, can undo the swap before a checkpoint is loaded.
+    """
+    if attr is None:
+        return False
+    current = resolve_network(pl_module, attr, "ReparamConvert")
+    train_form = getattr(current, TRAIN_FORM, None)
+    if not isinstance(train_form, nn.Module):
+        return False
+    train_form.train(current.training)
+    set_network(pl_module, attr, train_form)
+    return True
 
 
 class ReparamConvert(Callback):
@@ -84,6 +111,7 @@ class ReparamConvert(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        restore_train_form(pl_module, self.attr)
         net = resolve_network(pl_module, self.attr, "ReparamConvert")
         if getattr(net, CONVERTED_MARK, None) is not None:
             return

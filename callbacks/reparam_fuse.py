@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_nd.callbacks.reparam_convert import resolve_network
+from lightning_nd.callbacks.reparam_convert import TRAIN_FORM, resolve_network, restore_train_form, set_network
 from lightning_nd.reparam import count_batchnorms, reparameterize_with_stats, save_deploy
 from lightning_nd.reparam.protocol import METHODS
 from lightning_nd.utils import atomic_write, atomic_write_text, run_dir
@@ -141,14 +141,12 @@ class ReparamFuse(Callback):
         self.export, self.swap, self.input_shape, self.methods = export, swap, input_shape, tuple(methods)
         self.report: dict[str, Any] | None = None
         self.deploy_file: str | None = None
-        self._train_net: nn.Module | None = None
-        self._deploy_net: nn.Module | None = None
 
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._swap_back(pl_module)
         resolve_network(pl_module, self.attr, "ReparamFuse")
+        restore_train_form(pl_module, self.attr)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,8 +287,9 @@ class ReparamFuse(Callback):
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.swap or self.attr is None:
             return
-        self._swap_back(pl_module)
-        deploy, report = self.fuse(trainer, pl_module)
+        restore_train_form(pl_module, self.attr)
+        with torch.inference_mode(False):  # evaluation hooks run in inference mode; the copy must stay usable
+            deploy, report = self.fuse(trainer, pl_module)
         if report.get("passed") is False and self.strict:
             raise RuntimeError(
                 f"ReparamFuse: deploy form differs by {report['max_rel_error']:.3g} > rtol={report['rtol']:.3g}; "
@@ -298,16 +297,8 @@ class ReparamFuse(Callback):
             )
         train_net = resolve_network(pl_module, self.attr, "ReparamFuse")
         deploy.train(train_net.training)
-        _set_network(pl_module, self.attr, deploy)
-        self._train_net, self._deploy_net = train_net, deploy
-
-    def _swap_back(self, pl_module: pl.LightningModule) -> None:
-        if self._train_net is None or self.attr is None:
-            return
-        current = resolve_network(pl_module, self.attr, "ReparamFuse")
-        if current is self._deploy_net:
-            _set_network(pl_module, self.attr, self._train_net)
-        self._train_net = self._deploy_net = None
+        object.__setattr__(deploy, TRAIN_FORM, train_net)  # unregistered: not in state_dict / parameters
+        set_network(pl_module, self.attr, deploy)
 
 
 def first_tensor_loader(loaders: Any) -> Any:
@@ -319,14 +310,6 @@ def first_tensor_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
-
-
-def _set_network(pl_module: pl.LightningModule, attr: str, value: nn.Module) -> None:
-    *parents, name = attr.split(".")
-    owner: Any = pl_module
-    for part in parents:
-        owner = getattr(owner, part)
-    setattr(owner, name, value)
 
 
 def _onnx_export(model: nn.Module, x: torch.Tensor, path: str) -> None:

@@ -219,8 +219,8 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed, self.shapes = num_workers, seed, shapes
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.render_kwargs = dict(image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes,
-                                  min_size=min_size, max_size=max_size, shapes=shapes)
+        self.render_kwargs = {"image_size": image_size, "min_shapes": min_shapes, "max_shapes": max_shapes,
+                                  "min_size": min_size, "max_size": max_size, "shapes": shapes}
         self.num_classes = len(shapes) + 1
         self.class_names = ("background", *shapes)
         self.input_shape = (3, image_size, image_size)

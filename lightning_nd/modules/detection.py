@@ -32,6 +32,7 @@ from lightning_nd.modules.classifier import configure_optimization
 DETECTORS = ("retinanet", "fcos")
 NECKS = ("fpn", "ifpn")
 EXTRA_BLOCKS = ("p6p7", "pool", "none")
+NORMS = ("batch", "frozen")
 
 
 def detection_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -67,7 +68,7 @@ class TimmFeatures(nn.Module):
         return OrderedDict((str(i), f) for i, f in enumerate(self.model(x)))
 
 
-def _body(backbone: str, returned_layers: list[int], weights: str | None) -> nn.Module:
+def _body(backbone: str, returned_layers: list[int], weights: str | None, norm: str, trainable_layers: int) -> nn.Module:
     if backbone.startswith("timm:"):
         import timm
 
@@ -84,7 +85,15 @@ def _body(backbone: str, returned_layers: list[int], weights: str | None) -> nn.
                          "'resnet101' (torchvision) or 'timm:<name>' (a timm features_only model)")
     if not returned_layers or any(k not in (1, 2, 3, 4) for k in returned_layers):
         raise ValueError(f"returned_layers={returned_layers} must be a non-empty subset of [1, 2, 3, 4]")
-    net = getattr(torchvision.models, backbone)(weights=weights, norm_layer=nn.BatchNorm2d)
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    net = getattr(torchvision.models, backbone)(
+        weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    )
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    for name, parameter in net.named_parameters():
+        if not any(name.startswith(layer) for layer in trainable) and not (trainable_layers == 5 and name.startswith("bn1")):
+            parameter.requires_grad_(False)
     return IntermediateLayerGetter(net, {f"layer{k}": str(i) for i, k in enumerate(sorted(returned_layers))})
 
 
@@ -101,6 +110,8 @@ def build_detector(
     max_size: int = 96,
     neck_kwargs: dict[str, Any] | None = None,
     backbone_weights: str | None = None,
+    backbone_norm: str = "batch",
+    trainable_layers: int = 5,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision RetinaNet or FCOS with an FPN or implicit-FPN neck (arguments as in :class:`DetectionModule`).
@@ -116,13 +127,15 @@ def build_detector(
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
     for name, value, allowed in (("detector", detector, DETECTORS), ("neck", neck, NECKS),
-                                 ("extra_blocks", extra_blocks, EXTRA_BLOCKS)):
+                                 ("extra_blocks", extra_blocks, EXTRA_BLOCKS), ("backbone_norm", backbone_norm, NORMS)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers={trainable_layers} must be in 0..5")
     if out_channels < 1 or anchor_scale <= 0 or min_size < 16 or max_size < min_size:
         raise ValueError(f"need out_channels >= 1, anchor_scale > 0, 16 <= min_size <= max_size; got {out_channels}, "
                          f"{anchor_scale}, {min_size}, {max_size}")
-    body = _body(backbone, list(returned_layers or [2, 3, 4]), backbone_weights)
+    body = _body(backbone, list(returned_layers or [2, 3, 4]), backbone_weights, backbone_norm, trainable_layers)
     probe = 256  # divisible by the stride of P7, so strides come out exact
     was_training = body.training
     body.eval()
@@ -207,6 +220,10 @@ class DetectionModule(pl.LightningModule):
         detector_kwargs: extra arguments of ``RetinaNet``/``FCOS`` (``score_thresh``, ``detections_per_img``...).
         backbone_weights: torchvision weights name (e.g. ``"DEFAULT"``) or any value for timm pretrained weights;
             ``None`` (default) trains from scratch and never downloads.
+        backbone_norm: torchvision ResNet norm: ``"batch"`` (from scratch; use ``sync_batchnorm`` on several
+            GPUs) or ``"frozen"`` (``FrozenBatchNorm2d``, torchvision's choice with pretrained weights).
+        trainable_layers: torchvision ResNet stages trained, counted from ``layer4`` (5 = all, torchvision's
+            pretrained default is 3).
         optimizer: callable taking the parameters; default SGD 0.01, momentum 0.9, weight decay 1e-4.
         lr_scheduler: callable taking the optimizer, stepped every epoch (e.g. ``MultiStepLR``).
         warmup_steps: linear learning-rate warm-up over the first optimizer steps (torchvision reference: 1000).
@@ -238,6 +255,8 @@ class DetectionModule(pl.LightningModule):
         neck_kwargs: dict[str, Any] | None = None,
         detector_kwargs: dict[str, Any] | None = None,
         backbone_weights: str | None = None,
+        backbone_norm: str = "batch",
+        trainable_layers: int = 5,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
@@ -252,9 +271,12 @@ class DetectionModule(pl.LightningModule):
         if isinstance(detector, nn.Module):
             self.net = detector
         else:
-            self.net = build_detector(detector, num_classes, backbone, neck, returned_layers, out_channels,
-                                      extra_blocks, anchor_scale, min_size, max_size, neck_kwargs, backbone_weights,
-                                      **(detector_kwargs or {}))
+            self.net = build_detector(
+                detector, num_classes, backbone, neck, returned_layers=returned_layers, out_channels=out_channels,
+                extra_blocks=extra_blocks, anchor_scale=anchor_scale, min_size=min_size, max_size=max_size,
+                neck_kwargs=neck_kwargs, backbone_weights=backbone_weights, backbone_norm=backbone_norm,
+                trainable_layers=trainable_layers, **(detector_kwargs or {}),
+            )
         self.num_classes = num_classes
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor

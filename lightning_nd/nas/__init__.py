@@ -1,5 +1,6 @@
 """One-shot NAS: ``Choice`` layers, architectures, path sampling, search spaces, angle statistics, search, scores."""
 
+from lightning_nd.nas.angle import AngleLayout, AngleStats
 from lightning_nd.nas.arch import (
     Decision,
     alive_options,
@@ -14,7 +15,6 @@ from lightning_nd.nas.arch import (
     set_arch,
     space_size,
 )
-from lightning_nd.nas.angle import AngleLayout, AngleStats
 from lightning_nd.nas.bn import recalibrate_bn
 from lightning_nd.nas.choice import Choice
 from lightning_nd.nas.evolution import Evolution

@@ -10,10 +10,10 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from lightning_nd.implicit import ImplicitFPN
-from lightning_nd.modules import DetectionModule
 from lightning_nd.datamodules import ShapesDetectionDataModule
 from lightning_nd.datamodules.shapes_detection import detection_collate
+from lightning_nd.implicit import ImplicitFPN
+from lightning_nd.modules import DetectionModule
 
 IN_CHANNELS = [8, 16, 24]
 

@@ -55,3 +55,32 @@ def unrolled(cell: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
 
 def flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1).clone() for p in params])
+
+
+class TinyDEQNet(nn.Module):
+    """stem conv -> DEQ(ConvCell) -> mean pool -> linear: a fast network with one equilibrium layer and no BatchNorm."""
+
+    def __init__(self, num_classes: int = 3, channels: int = 4, cell: nn.Module | None = None, **deq_options) -> None:
+        super().__init__()
+        from lightning_nd.implicit import DEQ
+
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.head = nn.Linear(channels, num_classes)
+        torch.random.set_rng_state(gen_state)
+        self.deq = DEQ(cell if cell is not None else ConvCell(channels, scale=0.6), **deq_options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.deq(self.stem(x)).mean(dim=(2, 3)))
+
+
+def tiny_loaders(n: int = 32, batch_size: int = 8, seed: int = 0, num_classes: int = 3):
+    """Deterministic (unshuffled) train and val loaders of random 1x6x6 images."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False), DataLoader(ds, batch_size=batch_size, shuffle=False)

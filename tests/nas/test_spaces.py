@@ -8,8 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nd.nas import build_space, count_flops, count_params, decisions, export_subnet, list_spaces, set_arch
-from lightning_nd.nas import space_size
+from lightning_nd.nas import (
+    build_space,
+    count_flops,
+    count_params,
+    decisions,
+    export_subnet,
+    list_spaces,
+    set_arch,
+    space_size,
+)
 from lightning_nd.nas.spaces import arch_to_str, register_space, str_to_arch
 
 TABLE = Path("/work/shared/data/nb201_natsbench_tss_test_acc_200ep.csv")

@@ -1,0 +1,144 @@
+"""NAS core benchmarks: supernet vs standalone step time, AngleTracker overhead, path-angle cost, ABS shrink step.
+
+    python benchmarks/nas_core.py [--quick] [--out benchmarks/results/nas_core.md]
+
+Ratios are measured against a baseline timed in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightning_nd.callbacks import AngleTracker, ProgressivePruner
+from lightning_nd.nas import ArchCost, CostConstraint, PathSampler, build_space, export_subnet, set_arch
+from lightning_nd.nas.sampler import uniform_archs
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def perturb(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def step_times(quick):
+    """One training step of the supernet (sample + set path + fwd/bwd + zero-grad->None + SGD) vs its subnet."""
+    kw = {"C": 8, "N": 2} if quick else {"C": 16, "N": 5}
+    batch, repeats = (32, 8) if quick else (64, 30)
+    net = build_space("nb201", num_classes=10, **kw)
+    sampler = PathSampler(net, seed=0)
+    arch = [3, 2, 3, 4, 3, 1]
+    sub = export_subnet(net, arch)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    opt_s = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    opt_b = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
+    set_arch(net, arch)
+    net(x[:2])  # shape check once
+
+    counter = iter(range(10**9))
+
+    def supernet_step():
+        sampler.sample(next(counter))
+        set_arch(net, arch)  # same path as the subnet, for a like-for-like comparison
+        opt_s.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        grads = [p for p in net.parameters() if p.grad is not None]
+        for p, n in zip(grads, torch.stack([p.grad.abs().sum() for p in grads]).tolist()):
+            if n == 0:
+                p.grad = None
+        opt_s.step()
+
+    def subnet_step():
+        opt_b.zero_grad()
+        F.cross_entropy(sub(x), y).backward()
+        opt_b.step()
+
+    supernet_step(), subnet_step()
+    t_super, t_sub = [], []
+    for _ in range(repeats):  # interleaved, medians: robust to load changes on a shared machine
+        for fn, acc in ((supernet_step, t_super), (subnet_step, t_sub)):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return net, float(np.median(t_super)), float(np.median(t_sub))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+
+    net, t_super, t_sub = step_times(args.quick)
+    rows.append(("supernet step / standalone subnet step (nb201)", f"{t_super * 1e3:.1f} ms / {t_sub * 1e3:.1f} ms",
+                 f"{t_super / t_sub:.2f}x", "<= 1.10x"))
+
+    ref = {n: p.detach().clone() for n, p in net.named_parameters()}
+    perturb(net)
+    tracker = AngleTracker.from_reference(net, ref)
+    t_stats = timed(lambda: tracker.compute_statistics(net), 3)
+    steps_per_epoch = 782  # CIFAR-10 at batch 64: the default interval is one epoch
+    rows.append(("AngleTracker statistics pass / epoch (782 steps)", f"{t_stats * 1e3:.1f} ms",
+                 f"{100 * t_stats / (steps_per_epoch * t_super):.3f} %", "<= 1 %"))
+
+    archs = uniform_archs(np.random.default_rng(0), PathSampler(net).options(), 10000)
+    t_paths = timed(lambda: tracker.path_angles(archs), 5)
+    rows.append(("path angle after the statistics pass (nb201, 10k paths)", f"{t_paths * 1e3:.2f} ms",
+                 f"{t_paths / len(archs) * 1e6:.2f} us/path", "<= 5 us"))
+
+    mkw = {"width_mult": 0.25, "input_size": 32} if args.quick else {"input_size": 224}
+    mnet = build_space("mobilenet", num_classes=1000, **mkw)
+    mref = {n: p.detach().clone() for n, p in mnet.named_parameters()}
+    perturb(mnet)
+    mtracker = AngleTracker.from_reference(mnet, mref, identity="eye")
+    t0 = time.perf_counter()
+    mtracker.compute_statistics(mnet)
+    t_mstats = time.perf_counter() - t0
+    marchs = uniform_archs(np.random.default_rng(0), PathSampler(mnet).options(), 10000)
+    t_mpaths = timed(lambda: mtracker.path_angles(marchs), 5)
+    rows.append(("path angle (mobilenet, 21 decisions, 10k paths)", f"{t_mpaths * 1e3:.2f} ms",
+                 f"{t_mpaths / len(marchs) * 1e6:.2f} us/path", "<= 5 us"))
+    cost = ArchCost(mnet, (3, mkw["input_size"], mkw["input_size"]))
+    limit = 600e6 if not args.quick else float(np.median(cost.flops_many(marchs)))
+    pruner = ProgressivePruner(drop_per_step=7, paths_per_op=1000)
+    pruner.constraint = CostConstraint(cost, flops_range=(None, limit))
+    from lightning_nd.nas import alive_options
+
+    def shrink():
+        scores = pruner.score_ops(mtracker.stats, mnet, np.random.default_rng(0))
+        return pruner.select_ops_to_drop(scores, alive_options(mnet))
+
+    t_shrink = timed(shrink, 1)
+    rows.append(("ABS shrink step (mobilenet, 147 ops x 1000 paths, FLOPs-feasible)", f"{t_shrink:.2f} s",
+                 f"+ {t_mstats:.2f} s statistics pass", "<= 2 s"))
+
+    lines = ["| measurement | time | result | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        mode = "quick (nb201 C=8 N=2 batch 32; mobilenet x0.25 at 32 px)" if args.quick else \
+            "full (nb201 C=16 N=5 batch 64; mobilenet x1.0 at 224 px)"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"# NAS core benchmarks\n\nMode: {mode}. Machine: 2-core CPU shared with other jobs, "
+                                  f"torch {torch.__version__}.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

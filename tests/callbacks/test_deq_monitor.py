@@ -1,0 +1,103 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_nd.callbacks import DEQDivergenceError, DEQMonitor
+from lightning_nd.modules import DEQClassifier
+from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+
+
+def _trainer(callbacks, **kw):
+    opts = dict(
+        accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False, enable_checkpointing=False,
+        logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def _model(**deq):
+    return DEQClassifier(TinyDEQNet(**{"f_tol": 1e-4, "b_tol": 1e-5, **deq}), num_classes=3)
+
+
+def test_logs_statistics_and_histograms(tmp_path):
+    monitor = DEQMonitor(unconverged_warn=1.0)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = _trainer([monitor], logger=logger, log_every_n_steps=1)
+    train, val = tiny_loaders()
+    trainer.fit(_model(), train, val)
+    keys = set(trainer.logged_metrics)
+    for key in ("deq/fwd_steps", "deq/fwd_rel_max", "deq/fwd_abs_mean", "deq/fwd_converged", "deq/bwd_steps",
+                "deq/bwd_rel_max", "deq/unconverged_share", "deq/val_fwd_rel_mean", "deq/val_fwd_steps"):
+        assert key in keys, key
+    assert 1 <= float(trainer.logged_metrics["deq/fwd_steps"]) <= 30
+    pngs = list((tmp_path / "run").rglob("media/deq_histograms_*.png"))
+    assert len(pngs) == 1
+    assert monitor.warnings_issued == 0 and monitor.stop_reason is None
+
+
+def test_warns_when_too_many_batches_unconverged():
+    monitor = DEQMonitor(unconverged_warn=0.5, histogram_every_n_epochs=0)
+    train, _ = tiny_loaders()
+    with pytest.warns(UserWarning, match=r"100% of the training batches of epoch 0 ended with samples above"):
+        _trainer([monitor]).fit(_model(f_max_iter=1, f_tol=1e-9), train)
+    assert monitor.warnings_issued == 1
+
+
+class _NaNAt(DEQClassifier):
+    """Returns a NaN loss from training batch ``at`` on."""
+
+    def __init__(self, at):
+        super().__init__(TinyDEQNet(f_tol=1e-4, b_tol=1e-5), num_classes=3)
+        self.at = at
+        self.weights_seen = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.weights_seen.append(self.net.head.weight.detach().clone())
+        return loss * float("nan") if batch_idx >= self.at else loss
+
+
+def test_nan_loss_stops_run_without_touching_weights():
+    monitor = DEQMonitor()
+    model = _NaNAt(2)
+    train, _ = tiny_loaders()
+    with pytest.warns(UserWarning, match="DEQMonitor stopped training at step 2 .*training loss is nan"):
+        trainer = _trainer([monitor], max_epochs=3)
+        trainer.fit(model, train)
+    assert "training loss is nan" in monitor.stop_reason
+    assert trainer.global_step == 3 and len(model.weights_seen) == 3  # stopped right after the bad batch
+    # the NaN step did not update anything: weights equal those before the bad batch, all finite
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    assert torch.equal(model.net.head.weight, model.weights_seen[2])
+
+
+def test_exploding_residual_raises_clear_error():
+    monitor = DEQMonitor(explode_threshold=1e-12, on_divergence="raise")
+    train, _ = tiny_loaders()
+    with pytest.raises(DEQDivergenceError, match=r"forward residual of DEQ 'net.deq' exploded: .* > explode_threshold"):
+        _trainer([monitor]).fit(_model(), train)
+
+
+def test_state_dict_roundtrip_and_validation():
+    monitor = DEQMonitor()
+    monitor.batches, monitor.unconverged, monitor.worst_rel = 5, 2, 0.3
+    monitor.hist = {"fwd_rel": torch.arange(3.0)}
+    monitor.warnings_issued = 1
+    other = DEQMonitor()
+    other.load_state_dict(monitor.state_dict())
+    assert (other.batches, other.unconverged, other.worst_rel, other.warnings_issued) == (5, 2, 0.3, 1)
+    assert torch.equal(other.hist["fwd_rel"], torch.arange(3.0))
+    with pytest.raises(ValueError, match="on_divergence='ignore'.*'stop', 'raise'"):
+        DEQMonitor(on_divergence="ignore")
+    with pytest.raises(ValueError, match="unconverged_warn=1.5"):
+        DEQMonitor(unconverged_warn=1.5)
+    with pytest.raises(ValueError, match="log_every_n_steps=0"):
+        DEQMonitor(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="explode_threshold=-1"):
+        DEQMonitor(explode_threshold=-1.0)
+    assert not math.isnan(other.worst_rel)

@@ -1,0 +1,79 @@
+"""ReparamConvert: conversion at setup, once per network, and resuming a converted run from its checkpoint."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_nd.callbacks import ReparamConvert
+from lightning_nd.datamodules import DigitsDataModule
+from lightning_nd.modules import ImageClassifier
+from lightning_nd.reparam import ACBlock, DiverseBranchBlock, ReparamBlock
+
+
+def small_cnn(in_chans: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    base = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    return pl.Trainer(**{**base, **kwargs})
+
+
+def test_bad_arguments():
+    with pytest.raises(MisconfigurationException, match="block='mobileone'"):
+        ReparamConvert("mobileone")
+    model = ImageClassifier(small_cnn(), num_classes=10, in_chans=1)
+    with pytest.raises(MisconfigurationException, match="no network at .backbone"):
+        trainer(callbacks=[ReparamConvert(attr="backbone")]).fit(model, datamodule=DigitsDataModule(batch_size=16))
+
+
+def test_converts_once_and_resumes_from_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16)
+    model = ImageClassifier(small_cnn(), num_classes=10, in_chans=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = ReparamConvert("dbb", block_kwargs={"internal_channels": 16})
+    t1 = trainer(callbacks=[callback, ckpt], enable_checkpointing=True)
+    t1.fit(model, datamodule=dm)
+    assert callback.converted == 3 and all(isinstance(model.net[i], DiverseBranchBlock) for i in (0, 3, 6))
+    assert model.net[0].dbb_1x1_kxk.conv1.out_channels == 16  # block_kwargs reached the block
+    t1.validate(model, datamodule=dm)  # a second setup does not convert the converted network again
+    assert sum(isinstance(m, ReparamBlock) for m in model.net.modules()) == 3
+    # a fresh process: new module and callback; the converted checkpoint loads strictly into the converted model
+    fresh = ImageClassifier(small_cnn(), num_classes=10, in_chans=1)
+    t2 = trainer(callbacks=[ReparamConvert("dbb", block_kwargs={"internal_channels": 16})], max_epochs=2)
+    t2.fit(fresh, datamodule=dm, ckpt_path=ckpt.last_model_path)
+    assert t2.global_step == 4  # continued from step 2
+    # a checkpoint from another block type does not load
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+        trainer(callbacks=[ReparamConvert("acb")], max_epochs=2).fit(
+            ImageClassifier(small_cnn(), num_classes=10, in_chans=1), datamodule=dm, ckpt_path=ckpt.last_model_path
+        )
+
+
+def test_preserve_keeps_the_trained_function():
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16)
+    model = ImageClassifier(small_cnn(), num_classes=10, in_chans=1)
+    trainer().fit(model, datamodule=dm)
+    x, _ = dm.sample_batch(8)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    t = trainer(callbacks=[ReparamConvert("acb", preserve=True)])
+    t.validate(model, datamodule=dm)
+    assert isinstance(model.net[0], ACBlock)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,36 @@
+"""Every detection config runs through ``lnd`` (lightning_nd.cli.main): shapes on CPU as is, COCO on a tiny folder."""
+
+from pathlib import Path
+
+import pytest
+
+from lightning_nd.cli import main
+from lightning_nd.datamodules import ShapesDetectionDataModule
+from tests.detection.test_coco_data import _write_split
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detection"
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.mark.parametrize("name", ["retinanet_fpn_shapes", "retinanet_ifpn_shapes"])
+def test_shapes_configs_fast_dev_run(name):
+    main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run=1", *QUIET])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["retinanet_fpn_coco", "retinanet_ifpn_coco", "fcos_fpn_coco", "fcos_ifpn_coco"])
+def test_coco_configs_run_on_a_tiny_coco_folder(name, tmp_path):
+    shapes = ShapesDetectionDataModule(image_size=64, max_size=24)
+    for split, dataset in (("train2017", shapes.dataset("train")), ("val2017", shapes.dataset("val"))):
+        _write_split(tmp_path / "coco", split, dataset, 2)
+    # the GPU config as written, with only the hardware and the image size brought down to a CPU test
+    main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run=1", *QUIET,
+          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
+          "--trainer.sync_batchnorm=false", "--data.num_workers=0", f"--data.data_dir={tmp_path / 'coco'}",
+          "--model.num_classes=4", "--model.min_size=64", "--model.max_size=64"])
+
+
+def test_all_configs_are_covered():
+    tested = {"retinanet_fpn_shapes", "retinanet_ifpn_shapes", "retinanet_fpn_coco", "retinanet_ifpn_coco",
+              "fcos_fpn_coco", "fcos_ifpn_coco"}
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == tested

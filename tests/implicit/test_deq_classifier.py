@@ -1,0 +1,69 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_nd.cli import create_cli, main
+from lightning_nd.implicit import JacobianSchedule
+from lightning_nd.modules import DEQClassifier
+from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+
+
+def test_jacobian_schedule():
+    s = JacobianSchedule(weight=2.5, prob=0.3, increment=0.1, increment_every=10, start_step=20, stop_epoch=5,
+                         warmup_weight=0.03, seed=7)
+    assert s.weight_at(0) == 2.5 and s.weight_at(19) == 2.5
+    assert s.weight_at(45) == pytest.approx(2.7)  # +0.1 per 10 steps after step 20
+    assert s.weight_at(45, warmup=True) == 0.03
+    flips = [s.active(step, 0) for step in range(400)]
+    assert flips == [JacobianSchedule(**vars(s)).active(step, 0) for step in range(400)]  # rank/resume agreement
+    assert 0.2 < sum(flips) / 400 < 0.4
+    assert not any(s.active(step, 5) for step in range(50))  # off from stop_epoch
+    assert not any(JacobianSchedule(weight=0.0).active(step, 0) for step in range(10))
+    assert all(JacobianSchedule(weight=1.0).active(step, 0) for step in range(10))
+    with pytest.raises(ValueError, match="prob=1.5"):
+        JacobianSchedule(prob=1.5)
+    with pytest.raises(ValueError, match="weight=-1"):
+        JacobianSchedule(weight=-1.0)
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.0])
+def test_classifier_adds_jacobian_loss_on_scheduled_steps(prob):
+    model = DEQClassifier(TinyDEQNet(f_tol=1e-4), num_classes=3, jac_reg=JacobianSchedule(weight=0.5, prob=prob))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    train, _ = tiny_loaders()
+    trainer.fit(model, train)
+    logged = trainer.logged_metrics
+    if prob == 1.0:
+        assert float(logged["train/jac_weight"]) == 0.5 and float(logged["train/jac_loss_step"]) > 0
+    else:
+        assert "train/jac_weight" not in logged
+    assert model.net.deq.jac_reg is False  # flag only on during the scheduled step
+
+
+def test_classifier_needs_a_deq():
+    with pytest.raises(ValueError, match="at least one DEQ layer"):
+        DEQClassifier(torch.nn.Linear(3, 3), num_classes=3)
+    with pytest.raises(ValueError, match="model_kwargs only apply"):
+        DEQClassifier(TinyDEQNet(), num_classes=3, model_kwargs={"channels": [4]})
+
+
+def test_tiny_fashion_config_runs(repo_root):
+    main(["fit", "-c", f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml", "--trainer.fast_dev_run=1",
+          "--data.batch_size=8", "--trainer.enable_progress_bar=false"])
+
+
+def test_cifar_recipe_config_builds_mdeq_small(repo_root):
+    cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_small_cifar10.yaml", "--trainer.accelerator=cpu",
+                      "--trainer.logger=false"], run=False)
+    model = cli.model
+    assert isinstance(model, DEQClassifier)
+    params = sum(p.numel() for p in model.parameters())
+    assert 150_000 < params < 175_000  # MDEQ paper: MDEQ-small 170K
+    cfg = model.net.deq.config
+    assert (cfg.f_solver, cfg.b_solver, cfg.f_max_iter, cfg.b_max_iter, cfg.f_stop_mode) == ("broyden", "broyden", 18, 20, "rel")
+    warm = [c for c in cli.trainer.callbacks if type(c).__name__ == "DEQWarmup"][0]
+    assert (warm.warmup_steps, warm.unroll_layers) == (3000, 10)
+    model.eval()
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
