@@ -58,7 +58,7 @@ class Runner:
         self.opt.step()
         self.sched.step()
         self.step_times.append(time.perf_counter() - start)
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         if self.stats() is not None:
             self.f_nfe.append(self.stats().forward.nfe)
             self.b_nfe.append(self.stats().backward.nfe if self.stats().backward is not None else 0)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         del perm[: args.batch_size]
         for r in runners:
             r.train_step(images, targets)
-        if (step + 1) % max(args.steps // 20, 1) == 0:
+        if (step + 1) % args.log_every == 0 or step == 0:
             print(f"step {step + 1}/{args.steps} " + "  ".join(
                 f"{r.neck}: loss {statistics.mean(r.losses[-25:]):.3f} {1000 * statistics.median(r.step_times[-25:]):.0f} ms"
                 + (f" nfe {r.f_nfe[-1]}/{r.b_nfe[-1]}" if r.f_nfe else "") for r in runners), flush=True)
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per neck (default 2000, quick 20)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per neck (default 1200, quick 20)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--num-train", type=int, default=2000)
@@ -124,10 +124,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--necks", default="fpn,ifpn")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared CPU)")
+    parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
-    args.steps = args.steps or (20 if args.quick else 2000)
+    args.steps = args.steps or (20 if args.quick else 1200)
     args.num_val = args.num_val or (8 if args.quick else 200)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = run(args)
     base = rows.get("fpn")
     print(f"\nRetinaNet, ResNet-18 to layer3 (from scratch), 64 channels, {args.image_size}px shapes, batch "

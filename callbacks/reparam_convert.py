@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
@@ -109,12 +109,21 @@ class ReparamConvert(Callback):
         self.block_kwargs = dict(block_kwargs or {})
         self.converted = 0
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def convert(self, pl_module: pl.LightningModule) -> int:
+        """Convert the module's network now (idempotent); returns the number of new blocks.
+
+        ``setup`` calls it; call it yourself before ``trainer.fit`` with ``strategy="ddp_spawn"``, whose main process
+        runs no callback hook and only gets the workers' weights back through a ``strict=False`` load (converted keys
+        would be dropped silently from an unconverted model).
+
+        Raises:
+            MisconfigurationException: when ``attr`` names no network.
+            ValueError: when the network has no eligible conv+BN pair.
+        """
         restore_train_form(pl_module, self.attr)
         net = resolve_network(pl_module, self.attr, "ReparamConvert")
         if getattr(net, CONVERTED_MARK, None) is not None:
-            return
+            return 0
         before = sum(isinstance(m, ReparamBlock) for m in net.modules())
         convert_model(net, self.block, preserve=self.preserve, **self.block_kwargs)
         object.__setattr__(net, CONVERTED_MARK, self.block)
@@ -124,6 +133,19 @@ class ReparamConvert(Callback):
             f"ReparamConvert: {self.converted} conv+BN pairs -> {self.block} blocks "
             f"(preserve={self.preserve}); {params:,} parameters in training form"
         )
+        return self.converted
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.convert(pl_module) and stage == "fit" and type(trainer.strategy.launcher).__name__ == (
+            "_MultiProcessingLauncher"
+        ):
+            rank_zero_warn(
+                "ReparamConvert: converting inside a spawned worker (ddp_spawn): the main process's model stays "
+                "unconverted and will NOT receive the trained weights (Lightning loads them with strict=False). "
+                "Call ReparamConvert(...).convert(model) before trainer.fit, or use the checkpoint / ReparamFuse's "
+                "deploy file."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -102,10 +102,10 @@ class _Tracker:
         self.nfe = 0
         self.diverged = False
 
-    def record(self, z: torch.Tensor, fz: torch.Tensor) -> bool:
-        """Record the residual of iterate ``z`` (with value ``fz``); return True when the solve should stop."""
+    def record(self, z: torch.Tensor, fz: torch.Tensor, diff: torch.Tensor | None = None) -> bool:
+        """Record the residual of iterate ``z`` (value ``fz``, ``diff = fz - z`` if known); True means stop."""
         self.nfe += 1
-        abs_res = (fz - z).norm(dim=1)
+        abs_res = (fz - z if diff is None else diff).norm(dim=1)
         rel_res = abs_res / (fz.norm(dim=1) + EPS)
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
@@ -189,27 +189,40 @@ def anderson(
         raise ValueError(f"anderson beta={beta} must be in (0, 1]")
     b, d = z0.shape
     track = _Tracker(z0, tol, stop_mode)
-    X = z0.new_zeros(b, m, d)
-    F = z0.new_zeros(b, m, d)
-    X[:, 0] = z0
-    F[:, 0] = f(z0)
-    if track.record(X[:, 0], F[:, 0]) or max_iter == 1:
+    X = z0.new_zeros(b, m, d) if beta != 1.0 else None  # iterates are only needed for mixing
+    F = z0.new_zeros(b, m, d)  # f(iterates)
+    G = z0.new_zeros(b, m, d)  # residuals f(x) - x
+    GG = z0.new_zeros(b, m, m)  # Gram matrix of the residuals, updated one row per step
+    filled = 0
+
+    def store(slot: int, x: torch.Tensor, fx: torch.Tensor) -> bool:
+        nonlocal filled
+        F[:, slot] = fx
+        G[:, slot] = fx - x
+        if X is not None:
+            X[:, slot] = x
+        filled = min(filled + 1, m)
+        row = (G[:, :filled] @ G[:, slot, :, None])[..., 0]  # (b, filled)
+        GG[:, slot, :filled] = row
+        GG[:, :filled, slot] = row
+        return track.record(x, fx, G[:, slot])
+
+    if store(0, z0, f(z0)) or max_iter == 1:
         return track.best, track.stats("anderson", max_iter)
-    X[:, 1] = F[:, 0]
-    F[:, 1] = f(F[:, 0])
-    if track.record(X[:, 1], F[:, 1]):
+    x1 = F[:, 0].clone()
+    if store(1, x1, f(x1)):
         return track.best, track.stats("anderson", max_iter)
     H = z0.new_zeros(b, m + 1, m + 1)
     H[:, 0, 1:] = 1.0
     H[:, 1:, 0] = 1.0
     y = z0.new_zeros(b, m + 1, 1)
     y[:, 0] = 1.0
+    eye = torch.eye(m, dtype=z0.dtype, device=z0.device)
     for k in range(2, max_iter):
-        n = min(k, m)
-        G = F[:, :n] - X[:, :n]
-        GG = G @ G.transpose(1, 2)
-        scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None] if relative_lam else 1.0
-        H[:, 1 : n + 1, 1 : n + 1] = GG + lam * scale * torch.eye(n, dtype=z0.dtype, device=z0.device)
+        n = filled
+        gram = GG[:, :n, :n]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None] if relative_lam else 1.0
+        H[:, 1 : n + 1, 1 : n + 1] = gram + lam * scale * eye[:n, :n]
         sol, info = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], y[:, : n + 1])
         alpha = sol[:, 1 : n + 1, 0]
         bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
@@ -218,11 +231,9 @@ def anderson(
             plain[:, (k - 1) % m] = 1.0  # newest stored pair
             alpha = torch.where(bad[:, None], plain, alpha)
         new = (alpha[:, None] @ F[:, :n])[:, 0]
-        if beta != 1.0:
+        if X is not None:
             new = beta * new + (1.0 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
-        X[:, k % m] = new
-        F[:, k % m] = f(new)
-        if track.record(X[:, k % m], F[:, k % m]):
+        if store(k % m, new, f(new)):
             break
     return track.best, track.stats("anderson", max_iter)
 
@@ -258,7 +269,7 @@ def broyden(
     z = z0
     fz = f(z)
     gz = fz - z
-    if track.record(z, fz):
+    if track.record(z, fz, gz):
         return track.best, track.stats("broyden", max_iter)
     us = z0.new_zeros(b, d, mem)
     vts = z0.new_zeros(b, mem, d)
@@ -270,7 +281,7 @@ def broyden(
         g_new = fz - z_new
         dz, dg = z_new - z, g_new - gz
         z, gz = z_new, g_new
-        if track.record(z, fz):
+        if track.record(z, fz, gz):
             break
         part_u, part_vt = us[:, :, :used], vts[:, :used]
         vt = _rmatvec(part_u, part_vt, dz)

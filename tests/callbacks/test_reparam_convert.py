@@ -25,8 +25,8 @@ def small_cnn(in_chans: int = 1) -> nn.Module:
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    base = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    base = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1,
+                "enable_progress_bar": False, "logger": False, "enable_checkpointing": False, "enable_model_summary": False}
     return pl.Trainer(**{**base, **kwargs})
 
 

@@ -10,6 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from lightning_nd.callbacks import DEQMonitor
 from lightning_nd.datamodules import ShapesDetectionDataModule
 from lightning_nd.modules import DetectionModule
 
@@ -36,15 +37,19 @@ def test_ifpn_retinanet_loss_falls_on_shapes():
     data = ShapesDetectionDataModule(num_train=2, num_val=2, batch_size=2, image_size=64, max_size=24)
     model = DetectionModule("retinanet", num_classes=4, neck="ifpn", **TINY,
                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-    recorder = _LossRecorder()
-    _trainer(max_steps=30, limit_val_batches=0, callbacks=[recorder]).fit(model, data)
+    recorder, monitor = _LossRecorder(), DEQMonitor(histogram_every_n_epochs=0)
+    trainer = _trainer(max_steps=30, limit_val_batches=0, callbacks=[recorder, monitor])
+    trainer.fit(model, data)
     losses = recorder.losses
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    print("losses", losses)
     assert last < 0.6 * first, losses
     stats = model.net.backbone.fpn.last_stats
     assert stats.forward.nfe >= 2 and stats.backward is not None  # it was solved, and differentiated implicitly
+    # DEQMonitor finds the i-FPN's DEQ inside the detector like any other DEQ and logs its solver statistics
+    metrics = trainer.callback_metrics
+    assert metrics["deq/fwd_steps"] == stats.forward.nfe and metrics["deq/bwd_steps"] >= 1
+    assert 0 <= float(metrics["deq/fwd_rel_max"]) < 1 and monitor.batches == 30 and monitor.stop_reason is None
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")

@@ -12,9 +12,9 @@ from torch import nn
 
 from lightning_nd.reparam import (
     ACBlock,
+    ReparamBlock,
     RepVGG,
     RepVGGBlock,
-    ReparamBlock,
     convert_model,
     count_batchnorms,
     load_deploy,
