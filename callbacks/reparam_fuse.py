@@ -255,8 +255,9 @@ class ReparamFuse(Callback):
     def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
         keys = ("max_rel_error", "max_abs_error", "params_train", "params_deploy", "batchnorms_deploy")
         metrics = {f"reparam/{k}": float(report[k]) for k in keys if k in report}
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # pl_module.log is not allowed in on_fit_end; loggers may be finalized: save
             logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
         err = f"max rel. error {report['max_rel_error']:.2e}" if "max_rel_error" in report else "not checked"
         rank_zero_info(
             f"ReparamFuse: {report['converted']} + {report['folded_bn']} folded BN; params {report['params_train']:,} "

@@ -33,7 +33,6 @@ from torch.nn.utils import parametrize
 
 from lightning_nd.implicit.norm import reset_dropout
 from lightning_nd.implicit.solvers import (
-    STOP_MODES,
     SolverStats,
     check_solver_args,
     get_solver,
@@ -249,7 +248,8 @@ class DEQ(nn.Module):
         z0 = zeros_like_state(x) if z0 is None else z0
         spec_of(z0)  # validates the structure
         self.jac_loss = None
-        reset_dropout(self.cell) if isinstance(self.cell, nn.Module) else None
+        if isinstance(self.cell, nn.Module):
+            reset_dropout(self.cell)  # one variational-dropout mask per forward, shared by all iterations
         if self.mode == "unrolled":
             return self._unrolled(x, z0)
         return self._equilibrium(x, z0)

@@ -239,17 +239,17 @@ def anderson(
 
 
 def _rmatvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x^T (-I + U V^T) for the inverse-Jacobian estimate."""
-    if us.shape[-1] == 0:
+    """x^T (-I + U^T V) for the inverse-Jacobian estimate; ``us``, ``vts`` are ``(B, L, D)`` (rows contiguous)."""
+    if us.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bl,bld->bd", torch.einsum("bd,bdl->bl", x, us), vts)
+    return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", us, x), vts)
 
 
 def _matvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(-I + U V^T) x for the inverse-Jacobian estimate."""
-    if us.shape[-1] == 0:
+    """(-I + U^T V) x for the inverse-Jacobian estimate."""
+    if us.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bdl,bl->bd", us, torch.einsum("bld,bd->bl", vts, x))
+    return -x + torch.einsum("bld,bl->bd", us, torch.einsum("bld,bd->bl", vts, x))
 
 
 def broyden(
@@ -271,8 +271,8 @@ def broyden(
     gz = fz - z
     if track.record(z, fz, gz):
         return track.best, track.stats("broyden", max_iter)
-    us = z0.new_zeros(b, d, mem)
-    vts = z0.new_zeros(b, mem, d)
+    us = z0.new_zeros(b, mem, d)  # rank-1 factors u_i (as rows) ...
+    vts = z0.new_zeros(b, mem, d)  # ... and v_i^T: J_g^-1 ~ -I + sum_i u_i v_i^T
     update = gz  # -(-I)^{-1} g
     used = 0
     while track.nfe < max_iter:
@@ -283,7 +283,7 @@ def broyden(
         z, gz = z_new, g_new
         if track.record(z, fz, gz):
             break
-        part_u, part_vt = us[:, :, :used], vts[:, :used]
+        part_u, part_vt = us[:, :used], vts[:, :used]
         vt = _rmatvec(part_u, part_vt, dz)
         denom = torch.einsum("bd,bd->b", vt, dg)
         ok = torch.isfinite(denom) & (denom.abs() > 1e-30)
@@ -291,10 +291,10 @@ def broyden(
         u = torch.where(ok[:, None] & torch.isfinite(u), u, torch.zeros_like(u))
         vt = torch.where(ok[:, None] & torch.isfinite(vt), vt, torch.zeros_like(vt))
         slot = (track.nfe - 2) % mem
-        us[:, :, slot] = u
+        us[:, slot] = u
         vts[:, slot] = vt
         used = min(used + 1, mem)
-        update = -_matvec(us[:, :, :used], vts[:, :used], gz)
+        update = -_matvec(us[:, :used], vts[:, :used], gz)
     return track.best, track.stats("broyden", max_iter)
 
 

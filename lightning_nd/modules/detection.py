@@ -267,7 +267,8 @@ class DetectionModule(pl.LightningModule):
             raise ValueError(f"num_classes={num_classes} must be >= 2 (background included)")
         if warmup_steps < 0 or not 0.0 < warmup_factor <= 1.0:
             raise ValueError(f"need warmup_steps >= 0 and 0 < warmup_factor <= 1, got {warmup_steps}, {warmup_factor}")
-        self.save_hyperparameters(ignore=["detector", "optimizer", "lr_scheduler"])
+        # a detector given as a module is not a hyper-parameter; its name is (load_from_checkpoint rebuilds it)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"] + (["detector"] if isinstance(detector, nn.Module) else []))
         if isinstance(detector, nn.Module):
             self.net = detector
         else:

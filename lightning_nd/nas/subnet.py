@@ -10,7 +10,7 @@ config can hand it to ``ImageClassifier`` as a plain model::
       init_args:
         model:
           class_path: lightning_nd.nas.subnet.Subnet
-          init_args: {space: nb201, arch: runs/rlnas/arch.json, num_classes: 10}
+          init_args: {space: nb201, arch: runs/rlnas_nb201/arch.json, num_classes: 10}
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ class Subnet(nn.Module):
             :func:`~lightning_nd.nas.arch_to_json` format, a list of candidate indices, or, for ``nb201``, an official
             NAS-Bench-201 cell string.
         num_classes: classifier outputs.
-        seed: seed of the fresh initialisation (``None``: the global RNG).
-        space_kwargs: further arguments of the space (``in_chans``, input size, width, ...); they must equal the
-            search's so that the file's decisions exist.
+        space_kwargs: further arguments of the space (``in_chans``, input size, width, ...; also accepted as keyword
+            arguments). The decisions must be the search's: e.g. nb201 cells searched at ``C=8, N=1`` are retrained
+            at the benchmark's ``C=16, N=5`` (same 6 decisions), but a ShuffleNet with other stage repeats is
+            another space.
+        seed: seed of the fresh initialisation, drawn from a private RNG (``None``: the global RNG).
 
     Raises:
         ValueError: when the architecture does not fit the space (other decisions, an unknown op, a wrong length),
@@ -44,17 +46,23 @@ class Subnet(nn.Module):
 
     Example::
 
-        net = Subnet("nb201", "runs/rlnas/arch.json", num_classes=10)
+        net = Subnet("nb201", "runs/rlnas/arch.json", num_classes=10, space_kwargs={"C": 16, "N": 5})
         net.arch_json()  # {"arch": [...], "ops": {"1<-0": "nor_conv_3x3", ...}}
     """
 
     def __init__(
-        self, space: str, arch: str | Path | dict | list[int], num_classes: int = 10, seed: int | None = 0,
-        **space_kwargs: Any,
+        self,
+        space: str,
+        arch: str | Path | dict | list[int],
+        num_classes: int = 10,
+        space_kwargs: dict[str, Any] | None = None,
+        seed: int | None = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         from lightning_nd.nas.spaces import build_space
 
+        space_kwargs = {**(space_kwargs or {}), **kwargs}
         with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the global RNG is left untouched
             if seed is not None:
                 torch.manual_seed(seed)

@@ -22,10 +22,10 @@ class _Probe(Callback):
 
 
 def _trainer(callbacks, **kw):
-    opts = dict(
-        accelerator="cpu", devices=1, enable_progress_bar=False, enable_checkpointing=False, logger=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )
+    opts = {
+        "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_checkpointing": False, "logger": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0,
+    }
     opts.update(kw)
     return pl.Trainer(callbacks=callbacks, **opts)
 
