@@ -7,7 +7,7 @@ all four deploy models have exactly the same architecture and cost. Equal epochs
 seeds; we report the mean and spread of test accuracy and check that the deploy model's accuracy equals the
 training form's eval accuracy.
 
-    python benchmarks/reparam_accuracy.py --quick              # CPU-sized: 3k-image subset, 3 epochs, 2k test images, 3 seeds
+    python benchmarks/reparam_accuracy.py --quick              # CPU-sized: 2k-image subset, 3 epochs, 2k test images, 3 seeds
     python benchmarks/reparam_accuracy.py --device cuda        # full training set, 15 epochs, 3 seeds (GPU)
 
 Writes a markdown table to stdout and to ``--out`` (default benchmarks/results/reparam_accuracy.md).
@@ -113,7 +113,7 @@ def train_one(variant: str, seed: int, data: dict[str, torch.Tensor], args: argp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: 3k training images, 3 epochs, 2k test images")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: 2k training images, 3 epochs, 2k test images")
     parser.add_argument("--data-dir", default=DEBIAN_DIR)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int)
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.epochs = args.epochs or 3
-        args.train_subset = args.train_subset or 3_000
+        args.train_subset = args.train_subset or 2_000
         args.test_subset = args.test_subset or 2_000
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -207,6 +208,7 @@ class EvolutionSearch(Callback):
         Returns:
             The ``arch.json`` content (identical on every rank).
         """
+        start = time.perf_counter()
         net = supernet_of(pl_module)
         active = [c.active for c in list_choices(net)]
         folder = Path(self.dirpath) if self.dirpath is not None else run_dir(trainer)
@@ -241,6 +243,7 @@ class EvolutionSearch(Callback):
             for choice, index in zip(list_choices(net), active):
                 choice.active = index
         result = self._result(net, evolution, cost)
+        result["seconds"] = time.perf_counter() - start  # wall time of this call (rank 0's)
         result = trainer.strategy.broadcast(result, src=0)
         self.result = result
         if trainer.is_global_zero:

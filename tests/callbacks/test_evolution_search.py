@@ -275,7 +275,7 @@ def search_args(config, **init_args):
     [
         [],
         ["--model.supernet=shufflenet", "--model.space_kwargs={stage_repeats: [1, 1, 1, 1], "
-         "stage_out_channels: [8, 16, 16, 32, 32, 64]}"],
+         "stage_out_channels: [8, 16, 32, 48, 64, 128]}"],
         ["--model.supernet=mobilenet", "--model.space_kwargs={width_mult: 0.25, last_channels: 64}"],
     ],
     ids=["nb201", "shufflenet", "mobilenet"],

@@ -186,3 +186,16 @@ def test_hyperparameters_rebuild_the_same_detector_and_backbone_options():
     assert trainable == {"layer3"}  # layer4 is cut off (returned_layers=[2, 3]); layer2, layer1 and the stem frozen
     with pytest.raises(ValueError, match="backbone_norm='group'"):
         DetectionModule(backbone_norm="group")
+
+
+def test_timm_features_backbone_with_ifpn():
+    torch.manual_seed(0)
+    model = DetectionModule("retinanet", num_classes=4, backbone="timm:resnet10t", neck="ifpn", **TINY)
+    fpn = model.net.backbone.fpn
+    assert fpn.in_channels_list == [128, 256]  # timm's feature_info channels of out_indices 2, 3
+    image, target = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")[0]
+    losses = model.net([image], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values()) and fpn.last_stats.backward is not None
+    with pytest.raises(ValueError, match="not in timm's registry"):
+        DetectionModule(backbone="timm:no_such_net")

@@ -53,7 +53,7 @@ def test_arch_json_that_does_not_fit_the_space_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="sep_conv_5x5"):
         Subnet("nb201", str(tmp_path / "op.json"))
     shuffle = build_space("shufflenet", num_classes=10, input_size=32, stage_repeats=[1, 1, 1, 1],
-                          stage_out_channels=[8, 16, 16, 32, 32, 64])
+                          stage_out_channels=[8, 16, 32, 48, 64, 128])
     (tmp_path / "shuffle.json").write_text(json.dumps({"best": arch_to_json(shuffle, [0, 1, 2, 3])}))
     with pytest.raises(ValueError, match="does not fit"):
         Subnet("nb201", str(tmp_path / "shuffle.json"))

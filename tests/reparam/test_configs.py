@@ -20,6 +20,7 @@ def test_every_config_is_covered():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(CPU + GPU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CPU)
 def test_cpu_config_fast_dev_run(name, tmp_path):
     if name.startswith("dbb_fashion") and not os.path.isdir("/usr/share/datasets/fashion-mnist"):
