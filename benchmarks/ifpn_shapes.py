@@ -8,7 +8,7 @@ step and per evaluated image (medians; the ratio against FPN measured in the sam
 
 Usage::
 
-    python benchmarks/ifpn_shapes.py            # the full run (about 15-20 min on a shared 2-core CPU)
+    python benchmarks/ifpn_shapes.py            # the full run (15-30 min on a shared 2-core CPU)
     python benchmarks/ifpn_shapes.py --quick    # a smoke run (about a minute)
 """
 

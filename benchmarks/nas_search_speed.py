@@ -112,7 +112,10 @@ def ddp_split(ea: dict) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the single process (DDP ranks get cores // ranks from Lightning)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     ea = {"population": 20, "top_k": 5, "mutations": 5, "crossovers": 5, "generations": 2 if args.quick else 5}
     rows = angle_scoring(2 if args.quick else 5)
     rows += naswot_cost(128, 2 if args.quick else 5)

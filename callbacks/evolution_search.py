@@ -50,20 +50,35 @@ METRICS = ("angle", "accuracy", "naswot")
 MetricFn = Callable[[pl.LightningModule, list[int]], float]
 
 
-def fixed_batches(make_loader: Callable[[], Any], num_batches: int, seed: int) -> list[Any]:
-    """The first ``num_batches`` batches of a fresh loader, drawn under a torch RNG seeded with ``seed``.
+class SeededBatches:
+    """The first ``num_batches`` batches of ``make_loader()``, identical on every iteration, rank and rerun.
 
-    Shuffling and augmentation then depend on ``seed`` alone, so every rank and every rerun gets the same batches
-    (the global RNG is left untouched).
+    Every batch is fetched under a torch RNG seeded with ``seed + i`` (the loader's shuffling is drawn at the first
+    fetch, augmentation per batch), so the batches depend on ``seed`` alone; the global RNG is left untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = []
-        for batch in make_loader():
-            if len(out) >= num_batches:
-                break
-            out.append(batch)
-    return out
+
+    def __init__(self, make_loader: Callable[[], Any], num_batches: int | None, seed: int) -> None:
+        self.make_loader, self.num_batches, self.seed = make_loader, num_batches, seed
+
+    def __iter__(self) -> Any:
+        iterator = None
+        i = 0
+        while self.num_batches is None or i < self.num_batches:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + i)
+                if iterator is None:
+                    iterator = iter(self.make_loader())
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+            i += 1
+
+
+def fixed_batches(make_loader: Callable[[], Any], num_batches: int | None, seed: int, cache: bool = True) -> Any:
+    """:class:`SeededBatches`, kept in memory when ``cache`` (fast for small data; re-read identically otherwise)."""
+    batches = SeededBatches(make_loader, num_batches, seed)
+    return list(batches) if cache else batches
 
 
 def _resolve(metric: str | MetricFn) -> str | MetricFn:
@@ -105,6 +120,8 @@ class EvolutionSearch(Callback):
         filename: name of the architecture file.
         resume: continue a saved search state of the same supernet and settings.
         benchmark_dataset: NAS-Bench-201 dataset reported for ``nb201`` spaces (the others are in ``arch.json``).
+        cache_data: keep the fixed calibration / validation batches in memory (fast for small data); ``False``
+            re-reads the same batches for every candidate (ImageNet-sized data).
 
     Raises:
         MisconfigurationException: for an unknown metric or ``run_on``, a bad EA setting, ``calib_batches < 0``,
@@ -117,7 +134,7 @@ class EvolutionSearch(Callback):
 
         trainer = Trainer(callbacks=[AngleTracker(identity="eye", include_bn_affine=True),
                                      EvolutionSearch(metric="angle", flops_range=(None, 330e6))])
-        trainer.fit(SupernetModule("nb201"), datamodule=RandomLabels(FashionMNISTDataModule(32, channels=3)))
+        trainer.fit(SupernetModule("nb201"), datamodule=RandomLabels(FashionMNISTDataModule(image_size=32, channels=3)))
         # -> <run dir>/arch.json, <run dir>/media/nas_evolution_*.png
     """
 
@@ -143,6 +160,7 @@ class EvolutionSearch(Callback):
         filename: str = "arch.json",
         resume: bool = True,
         benchmark_dataset: str = "cifar10",
+        cache_data: bool = True,
     ) -> None:
         self.metric = _resolve(metric)
         if run_on not in ("fit_end", "validate"):
@@ -167,7 +185,7 @@ class EvolutionSearch(Callback):
         self.calib_batches, self.val_batches = calib_batches, val_batches
         self.naswot_batch_size, self.naswot_version = naswot_batch_size, naswot_version
         self.run_on, self.dirpath, self.filename, self.resume = run_on, dirpath, filename, resume
-        self.benchmark_dataset = benchmark_dataset
+        self.benchmark_dataset, self.cache_data = benchmark_dataset, cache_data
         self.evolution: Evolution | None = None
         self.result: dict[str, Any] | None = None
         self._saved_state: dict[str, Any] | None = None
@@ -286,8 +304,8 @@ class EvolutionSearch(Callback):
             return lambda archs: tracker.path_angles(archs).tolist()
         if self.metric == "accuracy":
             dm = self._datamodule(trainer)
-            calib = fixed_batches(dm.train_dataloader, self.calib_batches, self.seed)
-            val = fixed_batches(dm.val_dataloader, self.val_batches or 10**9, self.seed)
+            calib = fixed_batches(dm.train_dataloader, self.calib_batches, self.seed, self.cache_data)
+            val = fixed_batches(dm.val_dataloader, self.val_batches, self.seed, self.cache_data)
             return lambda archs: [
                 pl_module.evaluate_arch(a, calib, val, calib_batches=self.calib_batches, sync=False) for a in archs
             ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning_nd.datamodules.base import ClassificationDataModule, check_choice
 from torch.utils.data import random_split
+
+from lightning_nd.datamodules.base import ClassificationDataModule, check_choice
 
 CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

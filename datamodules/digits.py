@@ -6,6 +6,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+
 from lightning_nd.datamodules.base import ClassificationDataModule, ImageTensorDataset, check_choice
 
 

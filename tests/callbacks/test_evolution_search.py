@@ -303,3 +303,22 @@ def test_spos_and_naswot_configs_run(tmp_path):
     run_config(tmp_path, "naswot_nb201.yaml", shrink)
     naswot = read(tmp_path / "runs" / "naswot_nb201" / "arch.json")
     assert naswot["metric"] == "naswot" and naswot["evaluated"] == 3
+
+
+def test_scoring_batches_depend_on_the_seed_alone():
+    from lightning_nd.callbacks.evolution_search import fixed_batches
+    from lightning_nd.datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=8, augment=True)
+    dm.setup("fit")
+    state = torch.get_rng_state()
+    cached = fixed_batches(dm.train_dataloader, 3, seed=4)
+    streamed = fixed_batches(dm.train_dataloader, 3, seed=4, cache=False)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+    for _ in range(2):  # re-read identically on every pass (shuffling and augmentation seeded)
+        assert len(list(streamed)) == 3
+        for (xa, ya), (xb, yb) in zip(cached, streamed):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = fixed_batches(dm.train_dataloader, 3, seed=5)
+    assert not torch.equal(other[0][0], cached[0][0])
+    assert len(fixed_batches(dm.val_dataloader, None, seed=0)) == len(dm.val_dataloader())
