@@ -8,16 +8,20 @@ Ratios are measured against a baseline timed in the same run on the same machine
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lightning_nd.callbacks import AngleTracker, ProgressivePruner
-from lightning_nd.nas import ArchCost, CostConstraint, PathSampler, build_space, export_subnet, set_arch
+from lightning_nd.modules import SupernetModule
+from lightning_nd.nas import ArchCost, CostConstraint, PathSampler, alive_options, build_space, export_subnet, set_alive
 from lightning_nd.nas.sampler import uniform_archs
+from lightning_nd.nas.spaces import NB201_OPS
 
 
 def timed(fn, repeats):
@@ -36,58 +40,79 @@ def perturb(net, seed=0):
 
 
 def step_times(quick):
-    """One training step of the supernet (sample + set path + fwd/bwd + zero-grad->None + SGD) vs its subnet."""
+    """One training step of ``SupernetModule`` (its real per-step hooks: path sampling + activation, fwd/bwd,
+    zero-grad->None check, SGD) vs the same path exported as a standalone network (fwd/bwd, SGD).
+
+    Every op but the benchmarked path is masked, so the sampler's draw *is* that path: the supernet runs its full
+    sampling code and the comparison stays like-for-like. Steps alternate between the two and medians are taken,
+    so load changes on a shared machine hit both alike.
+    """
     kw = {"C": 8, "N": 2} if quick else {"C": 16, "N": 5}
-    batch, repeats = (32, 8) if quick else (64, 30)
-    net = build_space("nb201", num_classes=10, **kw)
-    sampler = PathSampler(net, seed=0)
+    batch, repeats = (32, 25) if quick else (64, 30)
+    model = SupernetModule("nb201", num_classes=10, space_kwargs=kw)
+    net = model.net
     arch = [3, 2, 3, 4, 3, 1]
+    for d, keep in enumerate(arch):
+        for op in range(len(NB201_OPS)):
+            if op != keep:
+                set_alive(net, d, op, False)
     sub = export_subnet(net, arch)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     opt_s = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     opt_b = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
-    set_arch(net, arch)
-    net(x[:2])  # shape check once
+    trainer = SimpleNamespace(global_step=0, strategy=None)
+    model.trainer = trainer  # the hooks read only trainer.global_step (and the strategy when check_sync=True)
 
-    counter = iter(range(10**9))
+    def hooks_before():
+        model.on_train_batch_start((x, y), 0)
 
     def supernet_step():
-        sampler.sample(next(counter))
-        set_arch(net, arch)  # same path as the subnet, for a like-for-like comparison
+        hooks_before()
         opt_s.zero_grad()
         F.cross_entropy(net(x), y).backward()
-        grads = [p for p in net.parameters() if p.grad is not None]
-        for p, n in zip(grads, torch.stack([p.grad.abs().sum() for p in grads]).tolist()):
-            if n == 0:
-                p.grad = None
+        model.on_before_optimizer_step(opt_s)
         opt_s.step()
+        trainer.global_step += 1
 
     def subnet_step():
         opt_b.zero_grad()
         F.cross_entropy(sub(x), y).backward()
         opt_b.step()
 
-    supernet_step(), subnet_step()
+    for _ in range(2):  # warm-up (and the Choice shape check)
+        supernet_step(), subnet_step()
+    assert model.current_arch == arch
     t_super, t_sub = [], []
-    for _ in range(repeats):  # interleaved, medians: robust to load changes on a shared machine
-        for fn, acc in ((supernet_step, t_super), (subnet_step, t_sub)):
+    for i in range(repeats):  # interleaved (alternating order), medians: robust to load changes
+        pair = ((supernet_step, t_super), (subnet_step, t_sub))
+        for fn, acc in pair if i % 2 == 0 else pair[::-1]:
             start = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - start)
-    return net, float(np.median(t_super)), float(np.median(t_sub))
+    t_hooks = timed(lambda: (hooks_before(), model.on_before_optimizer_step(opt_s)), 200)
+    for d in range(len(arch)):  # the full space again for the angle measurements below
+        for op in range(len(NB201_OPS)):
+            set_alive(net, d, op, True)
+    return net, float(np.median(t_super)), float(np.median(t_sub)), t_hooks
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: OpenMP threads do not spin against other jobs on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
+    load_before = os.getloadavg()
 
-    net, t_super, t_sub = step_times(args.quick)
+    net, t_super, t_sub, t_hooks = step_times(args.quick)
     rows.append(("supernet step / standalone subnet step (nb201)", f"{t_super * 1e3:.1f} ms / {t_sub * 1e3:.1f} ms",
                  f"{t_super / t_sub:.2f}x", "<= 1.10x"))
+    rows.append(("SupernetModule per-step hooks (sample + activate + zero-grad check)", f"{t_hooks * 1e6:.0f} us",
+                 f"{100 * t_hooks / t_sub:.2f} % of a subnet step", "-"))
 
     ref = {n: p.detach().clone() for n, p in net.named_parameters()}
     perturb(net)
@@ -118,8 +143,6 @@ def main():
     limit = 600e6 if not args.quick else float(np.median(cost.flops_many(marchs)))
     pruner = ProgressivePruner(drop_per_step=7, paths_per_op=1000)
     pruner.constraint = CostConstraint(cost, flops_range=(None, limit))
-    from lightning_nd.nas import alive_options
-
     def shrink():
         scores = pruner.score_ops(mtracker.stats, mnet, np.random.default_rng(0))
         return pruner.select_ops_to_drop(scores, alive_options(mnet))
@@ -128,16 +151,19 @@ def main():
     rows.append(("ABS shrink step (mobilenet, 147 ops x 1000 paths, FLOPs-feasible)", f"{t_shrink:.2f} s",
                  f"+ {t_mstats:.2f} s statistics pass", "<= 2 s"))
 
+    load = f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     lines = ["| measurement | time | result | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     table = "\n".join(lines)
     print(table)
+    print(load)
     if args.out:
         mode = "quick (nb201 C=8 N=2 batch 32; mobilenet x0.25 at 32 px)" if args.quick else \
             "full (nb201 C=16 N=5 batch 64; mobilenet x1.0 at 224 px)"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(f"# NAS core benchmarks\n\nMode: {mode}. Machine: 2-core CPU shared with other jobs, "
-                                  f"torch {torch.__version__}.\n\n{table}\n")
+        Path(args.out).write_text(f"# NAS core benchmarks\n\nMode: {mode}. Machine: 2-core CPU shared with other jobs "
+                                  f"({load}), {args.threads} torch thread(s), torch {torch.__version__}.\n\n"
+                                  f"{table}\n")
 
 
 if __name__ == "__main__":

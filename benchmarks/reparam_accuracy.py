@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_nd.datamodules.fashion_mnist import _FILES, DEBIAN_DIR, _find, read_idx
 from lightning_nd.reparam import convert_model, reparameterize_model
+from lightning_nd.utils import atomic_write_text
 
 MEAN, STD = 0.2860, 0.3530
 VARIANTS = ("plain", "acb", "dbb", "repvgg")
@@ -173,9 +174,7 @@ def main() -> None:
         f"{v}: " + ", ".join(f"{100 * r['acc']:.2f}" for r in results[v]) for v in variants)]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(text, args.out)
 
 
 if __name__ == "__main__":

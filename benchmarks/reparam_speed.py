@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_nd.reparam import reparameterize_model, repvgg_a0
+from lightning_nd.utils import atomic_write_text
 
 
 @torch.no_grad()
@@ -103,9 +104,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(text, args.out)
 
 
 if __name__ == "__main__":

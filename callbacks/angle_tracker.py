@@ -85,7 +85,7 @@ class AngleTracker(Callback):
         self.stats: AngleStats | None = None
         self._layout: AngleLayout | None = None
         self._channels: dict[str, int] = {}
-        self._hooks: list[Any] = []
+        self._hooks: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- standalone use
     @classmethod
@@ -160,13 +160,17 @@ class AngleTracker(Callback):
         net = supernet_of(pl_module)
         self._require_choices(net)
         self._layout = None
-        for hook in self._hooks:
+        for hook in self._hooks.values():
             hook.remove()
-        self._hooks = [c.register_forward_pre_hook(self._record_channels) for c in list_choices(net)]
+        # input channels size the pseudo-weights of parameter-free ops; each hook removes itself once it saw one
+        self._hooks = {c.label: c.register_forward_pre_hook(self._record_channels) for c in list_choices(net)}
 
     def _record_channels(self, choice: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 2:
             self._channels.setdefault(choice.label, int(args[0].shape[1]))
+            hook = self._hooks.pop(choice.label, None)
+            if hook is not None:
+                hook.remove()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

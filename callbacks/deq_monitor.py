@@ -9,7 +9,8 @@ Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forwar
   each training epoch (``log_image``; TensorBoard also gets native histograms);
 - warns when more than ``unconverged_warn`` of an epoch's training batches ended with some sample above tolerance;
 - checks before every backward whether the loss is NaN/inf or a forward residual is non-finite, hit the solver's
-  protective break or exceeds ``explode_threshold``. The decision is reduced over ranks (any rank), then either the
+  protective break or exceeds ``explode_threshold``, and before every optimizer step whether a backward (adjoint)
+  residual is non-finite or hit the protective break. The decision is reduced over ranks (any rank), then either the
   run stops cleanly (``on_divergence="stop"``: the step's gradients are dropped so no NaN reaches the weights, the
   trainer stops, and the reason is reported and kept in ``stop_reason``) or :class:`DEQDivergenceError` is raised
   on every rank (``"raise"``). A NaN loss is never trained on silently.
@@ -36,7 +37,18 @@ DIVERGENCE_ACTIONS = ("stop", "raise")
 
 
 class DEQDivergenceError(RuntimeError):
-    """Raised by :class:`DEQMonitor` (``on_divergence="raise"``) when the loss or an equilibrium residual blows up."""
+    """Raised by :class:`DEQMonitor` (``on_divergence="raise"``) when the loss or an equilibrium residual blows up.
+
+    Raises:
+        Nothing itself: it is the error raised (on every rank) by the monitor.
+
+    Example::
+
+        try:
+            trainer.fit(model, datamodule=dm)      # trainer with DEQMonitor(on_divergence="raise")
+        except DEQDivergenceError as err:
+            print("diverged:", err)
+    """
 
 
 def _hist_rel(values: torch.Tensor) -> torch.Tensor:
@@ -149,11 +161,22 @@ class DEQMonitor(Callback):
                 return f"forward residual of DEQ {name!r} exploded: {worst:.3g} > explode_threshold={self.explode_threshold}"
         return None
 
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        reason = self._divergence(pl_module, loss)
+    @staticmethod
+    def _backward_divergence(pl_module: pl.LightningModule) -> str | None:
+        for name, deq in find_deqs(pl_module):
+            stats = getattr(deq.last_stats, "backward", None)
+            if stats is None:
+                continue
+            worst = float(stats.abs.max())
+            if not math.isfinite(worst) or stats.diverged:
+                return (f"backward (adjoint) residual of DEQ {name!r} is non-finite or exploded (worst abs residual "
+                        f"{worst:.3g}): its implicit gradient is unusable")
+        return None
+
+    def _trip(self, trainer: pl.Trainer, reason: str | None) -> bool:
+        """Reduce the decision over ranks; then raise, or keep the message for ``on_before_optimizer_step``."""
         if not trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-            return
+            return False
         msg = (
             f"DEQMonitor stopped training at step {trainer.global_step} (epoch {trainer.current_epoch}): "
             f"{reason or 'another rank diverged'}. The equilibrium diverged: lower the learning rate, use weight "
@@ -162,10 +185,16 @@ class DEQMonitor(Callback):
         if self.on_divergence == "raise":
             raise DEQDivergenceError(msg)
         self._pending = msg
+        return True
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._trip(trainer, self._divergence(pl_module, loss))
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._pending is None:
+        # _pending agrees across ranks (set after a reduction), so every rank takes the same branch here
+        if self._pending is None and not self._trip(trainer, self._backward_divergence(pl_module)):
             return
         optimizer.zero_grad(set_to_none=True)  # parameters without gradients are skipped: no NaN reaches the weights
         trainer.should_stop = True
@@ -223,13 +252,15 @@ class DEQMonitor(Callback):
         self._reset_epoch()
 
     def _draw(self, trainer: pl.Trainer) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        if not trainer.is_global_zero:  # log_image only writes on rank 0; no collectives below
+            return
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         keys = [k for k in ("fwd_rel", "fwd_steps", "bwd_rel", "bwd_steps") if k in self.hist]
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+        fig = Figure(figsize=(3.2 * len(keys), 2.6))  # an Agg canvas of its own: the global backend is left alone
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(keys), squeeze=False)
         for ax, key in zip(axes[0], keys):
             counts = self.hist[key].numpy()
             if key.endswith("_rel"):
@@ -245,7 +276,7 @@ class DEQMonitor(Callback):
         fig.tight_layout()
         log_image(trainer, "deq/histograms", fig)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            if isinstance(logger, TensorBoardLogger):
                 for key in keys:
                     values = self.hist[key]
                     centers = torch.arange(len(values), dtype=torch.float64)

@@ -33,7 +33,7 @@ from lightning_nd.nas.angle import AngleStats, op_kind
 from lightning_nd.nas.arch import alive_options, decisions, set_alive, space_size
 from lightning_nd.nas.flops import ArchCost, CostConstraint
 from lightning_nd.nas.sampler import uniform_archs
-from lightning_nd.utils import atomic_write_text, log_image, run_dir
+from lightning_nd.utils import atomic_write_text, log_image, progress, run_dir
 
 
 def identity_ops(net: nn.Module) -> list[int | None]:
@@ -51,7 +51,8 @@ class ProgressivePruner(Callback):
     Args:
         warmup_epochs: epochs of plain supernet training before the first shrink step (ABS: 100).
         interval: epochs between shrink steps (ABS: 5).
-        drop_per_step: ops dropped per step (default: the largest op count of a decision + 1, ABS's 7).
+        drop_per_step: ops dropped per step (default: ABS's ``op_num + 1``, the largest number of non-identity ops
+            of a decision + 1: 7 on the mobilenet space).
         paths_per_op: sampled feasible paths per op (ABS: 1000), unique.
         exhaustive_below: enumerate every path instead of sampling when the space has at most this many.
         space_threshold: stop once the space has at most this many architectures (ABS: 1e6).
@@ -121,7 +122,9 @@ class ProgressivePruner(Callback):
         options = alive_options(net)
         droppable = sum(len(o) - 1 for o in options)
         if self.drop_per_step is None:
-            self.drop_per_step = max(len(d.names) for d in decisions(net)) + 1
+            self.drop_per_step = 1 + max(
+                sum(op_kind(op) != "identity" for op in d.layers[0].candidates) for d in decisions(net)
+            )
         if self.drop_per_step > droppable and not self.finished:
             raise ValueError(
                 f"drop_per_step={self.drop_per_step} would empty a decision: only {droppable} ops can be dropped "
@@ -163,8 +166,13 @@ class ProgressivePruner(Callback):
         archs[:, decision] = op
         return archs
 
-    def score_ops(self, stats: AngleStats, net: nn.Module, rng: np.random.Generator) -> dict[tuple[int, int], float]:
-        """Mean path angle of every open op of every decision with more than one alive op (-inf: no feasible path)."""
+    def score_ops(
+        self, stats: AngleStats, net: nn.Module, rng: np.random.Generator, trainer: pl.Trainer | None = None
+    ) -> dict[tuple[int, int], float]:
+        """Mean path angle of every open op of every decision with more than one alive op (-inf: no feasible path).
+
+        With ``trainer`` the sampled scoring shows a progress bar (rank zero, when the trainer shows progress).
+        """
         options = alive_options(net)
         open_ops = [(d, o) for d, opts in enumerate(options) if len(opts) > 1 for o in opts]
         scores: dict[tuple[int, int], float] = {}
@@ -178,7 +186,7 @@ class ProgressivePruner(Callback):
                 scores[(d, o)] = float(angles[hit].mean()) if hit.any() else -math.inf
             return scores
         identity = identity_ops(net)
-        for d, o in open_ops:
+        for d, o in open_ops if trainer is None else progress(open_ops, "ABS shrink step", trainer):
             archs = self.sample_paths(rng, options, d, o, 2 * self.paths_per_op, identity)
             if self.constraint is not None:
                 archs = archs[self.constraint.mask(archs)]
@@ -213,7 +221,7 @@ class ProgressivePruner(Callback):
         if trainer.is_global_zero:
             stats = self._tracker.compute_statistics(pl_module)
             rng = np.random.default_rng([self.seed, self.steps_done])
-            scores = self.score_ops(stats, net, rng)
+            scores = self.score_ops(stats, net, rng, trainer)
             drops = self.select_ops_to_drop(scores, alive_options(net))
         drops = trainer.strategy.broadcast(drops, src=0)
         found = decisions(net)

@@ -13,6 +13,7 @@ deploy model at the end of fit.
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -56,6 +57,17 @@ def set_network(pl_module: pl.LightningModule, attr: str, value: nn.Module) -> N
     for part in parents:
         owner = getattr(owner, part)
     setattr(owner, name, value)
+
+
+def in_spawned_worker(trainer: pl.Trainer) -> bool:
+    """Whether this process is a worker that the strategy's launcher started with ``multiprocessing``.
+
+    True under ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook``: the worker trains a copy of the model, and the main
+    process only gets its weights back through a ``strict=False`` load. False in the main process, with a single
+    device, and under ``strategy="ddp"``, whose workers re-run the script (``subprocess``) and whose rank 0 is the main
+    process. Uses only public API (``Strategy.launcher`` and ``multiprocessing.parent_process``).
+    """
+    return trainer.strategy.launcher is not None and multiprocessing.parent_process() is not None
 
 
 def restore_train_form(pl_module: pl.LightningModule, attr: str | None) -> bool:
@@ -137,9 +149,7 @@ class ReparamConvert(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.convert(pl_module) and stage == "fit" and type(trainer.strategy.launcher).__name__ == (
-            "_MultiProcessingLauncher"
-        ):
+        if self.convert(pl_module) and stage == "fit" and in_spawned_worker(trainer):
             rank_zero_warn(
                 "ReparamConvert: converting inside a spawned worker (ddp_spawn): the main process's model stays "
                 "unconverted and will NOT receive the trained weights (Lightning loads them with strict=False). "

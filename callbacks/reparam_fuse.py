@@ -151,6 +151,8 @@ class ReparamFuse(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         deploy, report = self.fuse(trainer, pl_module)
+        # every rank acts on rank 0's check (ranks may have checked on different batches): no rank raises alone
+        report = trainer.strategy.broadcast(report, src=0)
         folder = run_dir(trainer)  # a collective: every rank
         self.report = report
         failed = report.get("passed") is False
@@ -236,7 +238,7 @@ class ReparamFuse(Callback):
             x = first_tensor(datamodule.sample_batch(self.check_samples, "val"))
         if x is None:
             for loaders in (trainer.val_dataloaders, trainer.train_dataloader, trainer.test_dataloaders):
-                loader = first_tensor_loader(loaders)
+                loader = first_loader(loaders)
                 if loader is not None:
                     x = first_tensor(next(iter(loader)))
                     if x is not None:
@@ -302,7 +304,7 @@ class ReparamFuse(Callback):
         set_network(pl_module, self.attr, deploy)
 
 
-def first_tensor_loader(loaders: Any) -> Any:
+def first_loader(loaders: Any) -> Any:
     """The first dataloader of whatever ``trainer.*_dataloader(s)`` holds (a loader, list, tuple or dict)."""
     if loaders is None:
         return None

@@ -36,6 +36,11 @@ class CocoDetectionDataset(Dataset):
 
     Raises:
         FileNotFoundError: when the folder or the annotation file is missing.
+
+    Example::
+
+        ds = CocoDetectionDataset("coco/val2017", "coco/annotations/instances_val2017.json")
+        image, target = ds[0]   # target: boxes (N, 4) xyxy, labels (N,) in 1..80, image_id
     """
 
     def __init__(

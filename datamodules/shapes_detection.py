@@ -125,6 +125,14 @@ class ShapesDataset(Dataset):
         seed: base seed; image ``i`` of split ``split_id`` is drawn from ``(seed, split_id, i)``.
         split_id: 0 train, 1 val, 2 test (so the splits never share images).
         render_kwargs: keyword arguments of :func:`render_shapes`.
+
+    Raises:
+        IndexError: for an index outside ``0 .. length - 1``.
+
+    Example::
+
+        ds = ShapesDataset(100, seed=0, split_id=0, image_size=64, max_size=24)
+        image, target = ds[0]   # (3, 64, 64) float in [0, 1]; target["boxes"] (N, 4) xyxy, target["labels"] (N,)
     """
 
     def __init__(self, length: int, seed: int, split_id: int, **render_kwargs: Any) -> None:

@@ -1,8 +1,8 @@
 """Implicit (equilibrium) models: fixed-point solvers, the ``DEQ`` layer, MDEQ and the implicit FPN."""
 
-from lightning_nd.implicit.deq import DEQ, DEQConfig, DEQStats, find_deqs, jacobian_loss
+from lightning_nd.implicit.deq import DEQ, DEQConfig, DEQStats, find_deqs
 from lightning_nd.implicit.ifpn import ImplicitFPN
-from lightning_nd.implicit.jacobian import JacobianSchedule
+from lightning_nd.implicit.jacobian import JacobianSchedule, jacobian_loss
 from lightning_nd.implicit.mdeq import MDEQ, MDEQBlock, MDEQCell
 from lightning_nd.implicit.norm import VariationalDropout, apply_weight_norm, reset_dropout
 from lightning_nd.implicit.solvers import (

@@ -31,13 +31,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_nd.implicit.jacobian import jacobian_loss
 from lightning_nd.implicit.norm import reset_dropout
-from lightning_nd.implicit.solvers import (
-    SolverStats,
-    check_solver_args,
-    get_solver,
-    solve,
-)
+from lightning_nd.implicit.solvers import EPS, SolverStats, check_solver_args, get_solver, solve
 from lightning_nd.implicit.structure import State, flatten, solver_dtype, spec_of, unflatten, zeros_like_state
 
 BACKWARD_MODES = ("ift", "phantom")
@@ -46,7 +42,18 @@ MODES = ("equilibrium", "unrolled")
 
 @dataclass
 class DEQConfig:
-    """Options of a :class:`DEQ`; every field is validated, unknown names are rejected by :class:`DEQ`."""
+    """Options of a :class:`DEQ`; every field is validated, unknown names are rejected by :meth:`build`.
+
+    Raises:
+        ValueError: for an unknown solver or solver option, ``tol <= 0``, ``max_iter < 1``, an unknown stop mode,
+            backward or mode, ``phantom_steps < 1``, ``phantom_tau`` outside (0, 1], ``unroll_layers < 1`` or
+            ``jac_vecs < 1``; :meth:`build` also for unknown field names.
+
+    Example::
+
+        cfg = DEQConfig(f_solver="broyden", f_max_iter=18, f_stop_mode="rel", b_solver="broyden", b_max_iter=20)
+        deq = DEQ(cell, cfg, b_tol=1e-4)   # keywords override the config's fields
+    """
 
     f_solver: str = "anderson"  # forward solver: fixed_point | anderson | broyden (registry name)
     f_max_iter: int = 30  # forward cap on cell evaluations
@@ -111,6 +118,15 @@ class DEQStats:
         forward: forward solver statistics (for the unrolled mode: the residual of the last application).
         backward: adjoint solver statistics, filled in when ``backward()`` ran through this call (``"ift"`` only).
         jac_loss: value of the Jacobian-regularisation loss of this call, if computed.
+
+    Raises:
+        Nothing: a plain record, written by :class:`DEQ` (forward) and its implicit backward.
+
+    Example::
+
+        z = deq(x)
+        z.sum().backward()
+        fwd, bwd = deq.last_stats.forward, deq.last_stats.backward   # bwd is None for backward="phantom"
     """
 
     mode: str
@@ -130,6 +146,13 @@ class _ImplicitBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        if torch.is_grad_enabled():  # grad mode is on in a backward only with create_graph=True
+            # (torch's @once_differentiable is not enough: autograd.grad(..., inputs=x) prunes its error node and
+            # silently returns a partial second-order gradient)
+            raise RuntimeError(
+                "the implicit (ift) backward of a DEQ is first-order only: backward with create_graph=True "
+                "(higher-order gradients) is not supported; use backward='phantom' or mode='unrolled' for those"
+            )
         fz, z = ctx.saved_tensors
         cfg: DEQConfig = ctx.cfg
         dtype = solver_dtype(grad.dtype)
@@ -152,27 +175,11 @@ class _ImplicitBackward(torch.autograd.Function):
         return g.to(grad.dtype), None, None, None
 
 
-def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, vecs: int = 1) -> torch.Tensor:
-    """Hutchinson estimate of ``||dfz/dz||_F^2 / fz.numel()`` with ``vecs`` Gaussian probes (double backward).
-
-    Example::
-
-        z = z_star.detach().requires_grad_()
-        loss = jacobian_loss(cell(z, x), z, vecs=2)
-    """
-    total = fz.new_zeros((), dtype=torch.float32)
-    for _ in range(vecs):
-        v = torch.randn_like(fz)
-        (vj,) = torch.autograd.grad(fz, z, v, create_graph=True, retain_graph=True)
-        total = total + vj.float().pow(2).sum()
-    return total / vecs / fz.numel()
-
-
 def _residual_stats(prev: torch.Tensor, last: torch.Tensor, n: int, cfg: DEQConfig) -> SolverStats:
     with torch.no_grad():
         prev, last = prev.detach().float(), last.detach().float()
         abs_res = (last - prev).norm(dim=1)
-        rel_res = abs_res / (last.norm(dim=1) + 1e-9)
+        rel_res = abs_res / (last.norm(dim=1) + EPS)
         metric = abs_res if cfg.f_stop_mode == "abs" else rel_res
         return SolverStats(
             solver="unrolled",
@@ -307,7 +314,8 @@ class DEQ(nn.Module):
             with parametrize.cached():
                 return f(z_star)
         spec = spec_of(z_star)
-        z_vec = flatten(z_star, solver_dtype(flatten(z_star).dtype)).detach().requires_grad_()
+        z_flat = flatten(z_star)
+        z_vec = z_flat.to(solver_dtype(z_flat.dtype)).detach().requires_grad_()
         with parametrize.cached():
             if cfg.backward == "ift":
                 fz = f(unflatten(z_vec, spec))

@@ -25,6 +25,7 @@ Parameters: lateral 1x1 convolutions (as in FPN) plus one 3x3 convolution and on
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,11 @@ class PyramidFusionCell(nn.Module):
 
     Raises:
         ValueError: for ``num_levels < 1`` or groups that do not divide the channels.
+
+    Example::
+
+        cell = PyramidFusionCell(num_levels=3, channels=64)
+        p_next = cell(p, b)   # p, b: tuples of (B, 64, H_l, W_l), highest resolution first
     """
 
     def __init__(self, num_levels: int, channels: int, num_groups: int = 8) -> None:
@@ -151,11 +157,8 @@ class ImplicitFPN(nn.Module):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         self.cell = PyramidFusionCell(len(in_channels_list), out_channels, num_groups)
-        base = dict(IFPN_DEQ_DEFAULTS)
-        if deq is not None:
-            given = DEQConfig.build(deq) if isinstance(deq, DEQConfig) else None
-            base.update(vars(given) if given is not None else dict(deq))
-        self.deq = DEQ(self.cell, **{**base, **deq_options})
+        given = dataclasses.asdict(deq) if isinstance(deq, DEQConfig) else dict(deq or {})
+        self.deq = DEQ(self.cell, **{**IFPN_DEQ_DEFAULTS, **given, **deq_options})
         self.extra_blocks = extra_blocks
         self.in_channels_list, self.out_channels = in_channels_list, out_channels
 

@@ -1,7 +1,7 @@
-"""The Jacobian-regularisation schedule of locuslab/deq (Bai, Koltun, Kolter, ICML 2021).
+"""Jacobian regularisation of locuslab/deq (Bai, Koltun, Kolter, ICML 2021): the estimator and its schedule.
 
-The auxiliary loss is the Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` (:func:`lightning_nd.implicit.jacobian_loss`,
-computed by a :class:`~lightning_nd.implicit.DEQ` when its ``jac_reg`` flag is on). It is expensive (a double
+The auxiliary loss is the Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` (:func:`jacobian_loss`, computed by a
+:class:`~lightning_nd.implicit.DEQ` when its ``jac_reg`` flag is on). It is expensive (a double
 backward), so locuslab/deq applies it stochastically (probability ``JAC_LOSS_FREQ`` per step), with a weight that grows
 by ``+0.1`` every ``JAC_INCREMENTAL`` steps after the warm-up, switched off after ``JAC_STOP_EPOCH``, and a separate
 weight during the unrolled warm-up (``PRETRAIN_JAC_LOSS_WEIGHT``). :class:`JacobianSchedule` reproduces that.
@@ -15,6 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, vecs: int = 1) -> torch.Tensor:
+    """Hutchinson estimate of ``||dfz/dz||_F^2 / fz.numel()`` with ``vecs`` Gaussian probes (double backward).
+
+    Example::
+
+        z = z_star.detach().requires_grad_()
+        loss = jacobian_loss(cell(z, x), z, vecs=2)
+    """
+    total = fz.new_zeros((), dtype=torch.float32)
+    for _ in range(vecs):
+        v = torch.randn_like(fz)
+        (vj,) = torch.autograd.grad(fz, z, v, create_graph=True, retain_graph=True)
+        total = total + vj.float().pow(2).sum()
+    return total / vecs / fz.numel()
 
 
 @dataclass

@@ -37,7 +37,26 @@ def _gn(groups: int, channels: int, affine: bool = True) -> nn.GroupNorm:
 
 
 class MDEQBlock(nn.Module):
-    """The residual block of one resolution (MDEQ-Vision ``BasicBlock``)."""
+    """The residual block of one resolution (MDEQ-Vision ``BasicBlock``).
+
+    ``conv3x3 (C -> eC) -> GN -> ReLU -> conv3x3 (eC -> C) -> variational dropout -> + injection -> GN -> + z ->
+    ReLU -> GN``.
+
+    Args:
+        channels: channels C of the resolution.
+        expansion: width factor e of the inner convolution.
+        groups: GroupNorm groups (capped at the channel count).
+        dropout: variational dropout probability.
+        weight_norm: weight-normalise both convolutions.
+
+    Raises:
+        ValueError: for a dropout outside [0, 1) or groups that do not divide the channels (from GroupNorm).
+
+    Example::
+
+        block = MDEQBlock(24, expansion=5, groups=8, dropout=0.0, weight_norm=True)
+        z_next = block(z, injection=x)   # z, x: (B, 24, H, W)
+    """
 
     def __init__(self, channels: int, expansion: int, groups: int, dropout: float, weight_norm: bool) -> None:
         super().__init__()

@@ -50,6 +50,15 @@ class SolverStats:
         diverged: the protective break fired (non-finite or exploding residual).
         tol, stop_mode, max_iter: the stopping rule used.
         abs_trace, rel_trace: ``(B, nfe)`` residual of every evaluated iterate.
+
+    Raises:
+        Nothing: a plain record, built by the solvers (invalid solver arguments are rejected by :func:`solve`).
+
+    Example::
+
+        _, stats = solve("broyden", f, z0, tol=1e-4, max_iter=30)
+        if not bool(stats.converged.all()):
+            print(stats.summary()["rel_max"], stats.nstep.tolist())
     """
 
     solver: str
@@ -401,9 +410,8 @@ def solve(
     """
     check_solver_args(name, tol, max_iter, stop_mode, options)
     spec = spec_of(z0)
-    first = z0 if isinstance(z0, torch.Tensor) else z0[0]
-    device_type = first.device.type
-    dtype = solver_dtype(flatten(z0).dtype)
+    z0_flat = flatten(z0)
+    device_type, dtype = z0_flat.device.type, solver_dtype(z0_flat.dtype)
     enabled, ac_dtype = _autocast_state(device_type)
 
     def flat_f(v: torch.Tensor) -> torch.Tensor:
@@ -412,5 +420,5 @@ def solve(
         return flatten(out, dtype)
 
     with torch.autocast(device_type, enabled=False):
-        z, stats = get_solver(name)(flat_f, flatten(z0, dtype), tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
+        z, stats = get_solver(name)(flat_f, z0_flat.to(dtype), tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
     return unflatten(z, spec), stats

@@ -19,7 +19,16 @@ State = Union[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor]]
 
 @dataclass(frozen=True)
 class StateSpec:
-    """How a flat ``(B, D)`` matrix maps back onto the caller's structure."""
+    """How a flat ``(B, D)`` matrix maps back onto the caller's structure.
+
+    Raises:
+        Nothing itself; :func:`spec_of` raises for states it cannot describe.
+
+    Example::
+
+        spec = spec_of([torch.zeros(2, 4, 8, 8), torch.zeros(2, 8, 4, 4)])
+        assert spec.sizes == [256, 128] and unflatten(flatten(z), spec)[1].shape == (2, 8, 4, 4)
+    """
 
     kind: str  # "tensor", "tuple" or "list"
     shapes: tuple[torch.Size, ...]  # per-part shape without the batch dimension

@@ -47,6 +47,15 @@ class FeatureBackbone(nn.Module):
         body: maps images to an ``OrderedDict`` of feature maps, highest resolution first.
         fpn: the neck, called on that dict.
         out_channels: channels of every neck output.
+
+    Raises:
+        Nothing at construction; the parts raise their own errors when called.
+
+    Example::
+
+        backbone = FeatureBackbone(IntermediateLayerGetter(resnet18(), {"layer3": "0", "layer4": "1"}),
+                                   ImplicitFPN([256, 512], 64), out_channels=64)
+        RetinaNet(backbone, num_classes=4)
     """
 
     def __init__(self, body: nn.Module, fpn: nn.Module, out_channels: int) -> None:
@@ -58,7 +67,19 @@ class FeatureBackbone(nn.Module):
 
 
 class TimmFeatures(nn.Module):
-    """A timm ``features_only`` model whose list output becomes an ``OrderedDict`` named ``"0"``, ``"1"``, ..."""
+    """A timm ``features_only`` model whose list output becomes an ``OrderedDict`` named ``"0"``, ``"1"``, ...
+
+    Args:
+        model: a timm model created with ``features_only=True``.
+
+    Raises:
+        Nothing at construction; the wrapped model raises its own errors when called.
+
+    Example::
+
+        body = TimmFeatures(timm.create_model("resnet10t", features_only=True, out_indices=(2, 3)))
+        feats = body(images)   # OrderedDict("0": stride 8, "1": stride 16)
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

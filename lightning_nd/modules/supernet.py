@@ -16,6 +16,7 @@ recalibrating the BN statistics on training batches; the training statistics are
 from __future__ import annotations
 
 import warnings
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_nd.modules.classifier import ImageClassifier, check_against_data
-from lightning_nd.nas.arch import arch_from_json, check_arch, get_arch, list_choices, set_arch
+from lightning_nd.nas.arch import activate, arch_from_json, check_arch, decisions, get_arch, list_choices, set_arch
 from lightning_nd.nas.bn import bn_state, load_bn_state, recalibrate_bn
 from lightning_nd.nas.flops import ArchCost, CostConstraint
 from lightning_nd.nas.sampler import PathSampler
 from lightning_nd.nas.spaces import build_space
+from lightning_nd.utils import progress
 
 
 class SupernetModule(ImageClassifier):
@@ -109,9 +111,15 @@ class SupernetModule(ImageClassifier):
         self.val_arch = arch_from_json(self.net, val_arch) if isinstance(val_arch, (str, Path)) else val_arch
         if self.val_arch is not None:
             check_arch(self.net, list(self.val_arch), allow_dead=True)
+        # listed once: the per-step hooks touch only these (no module walk per step)
+        self._decisions = decisions(self.net)
+        self._candidate_params = list(
+            {id(p): p for d in self._decisions for layer in d.layers for p in layer.candidates.parameters()}.values()
+        )
         self.current_arch: list[int] = self.sampler.sample(0)
         set_arch(self.net, self.current_arch)
         self._train_bn: list | None = None
+        self._train_arch: list[int] = list(self.current_arch)
 
     def _input_shape(self) -> tuple[int, ...] | None:
         trainer = self._attached_trainer()
@@ -157,19 +165,24 @@ class SupernetModule(ImageClassifier):
         arch = self.sampler.sample(self.trainer.global_step)
         if self.check_sync:
             self.sampler.verify_synced(arch, self.trainer.strategy)
-        set_arch(self.net, arch)
+        activate(self._decisions, arch)  # drawn from the alive options: valid by construction
         self.current_arch = arch
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn all-zero gradients of candidate ops into ``None`` (SPOS/ABS ``sum(|grad|) == 0``).
+
+        Only parameters of ``Choice`` candidates are checked (unsampled ones normally have ``grad=None`` already;
+        all-zero ones appear with ``zero_grad(set_to_none=False)`` or when an op's output is unused), with one
+        fused norm and one host transfer per step.
+        """
         if not self.zero_grads_to_none:
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in self._candidate_params if p.grad is not None]
         if not params:
             return
-        norms = torch.stack([torch.linalg.vector_norm(p.grad, ord=1) for p in params]).tolist()
-        for p, norm in zip(params, norms):
-            if norm == 0:
+        for p, is_zero in zip(params, _all_zero([p.grad for p in params])):
+            if is_zero:
                 p.grad = None
 
     # ---------------------------------------------------------------- validation
@@ -196,9 +209,10 @@ class SupernetModule(ImageClassifier):
         self._train_arch = get_arch(self.net)
         set_arch(self.net, arch, allow_dead=True)
         if self.calib_batches > 0:
+            n = self.calib_batches
+            batches = progress(islice(self._calibration_batches(), n), "BN recalibration", self.trainer, total=n)
             with torch.inference_mode(False), torch.no_grad():
-                recalibrate_bn(self.net, self._calibration_batches(), self.calib_batches, strategy=self.trainer.strategy)
-            self.net.eval()
+                recalibrate_bn(self.net, batches, n, strategy=self.trainer.strategy)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -256,3 +270,10 @@ class SupernetModule(ImageClassifier):
         """``n`` uniform paths from the alive space (seeded, identical on every rank)."""
         rng = np.random.default_rng([int(seed), 7])
         return [self.sampler.random_arch(rng) for _ in range(n)]
+
+
+def _all_zero(grads: list[torch.Tensor]) -> list[bool]:
+    """Whether each gradient is all zeros: one fused L1 norm per device and a single host transfer."""
+    if any(g.is_sparse for g in grads) or len({g.device for g in grads}) > 1:
+        return [bool(torch.count_nonzero(g.coalesce().values() if g.is_sparse else g) == 0) for g in grads]
+    return (torch.stack(torch._foreach_norm(grads, 1)) == 0).tolist()

@@ -73,6 +73,7 @@ def tracked_parameters(
 ) -> dict[str, nn.Parameter]:
     """The parameters that make up angle vectors: conv/linear ``.weight`` (+ biases, + norm-layer affine)."""
     chosen: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
     for prefix, module in net.named_modules():
         names: list[str] = []
         if isinstance(module, (_ConvNd, nn.Linear)):
@@ -81,7 +82,8 @@ def tracked_parameters(
             names = ["weight", "bias"]
         for name in names:
             param = getattr(module, name, None)
-            if isinstance(param, nn.Parameter) and all(param is not p for p in chosen.values()):
+            if isinstance(param, nn.Parameter) and id(param) not in seen:
+                seen.add(id(param))
                 chosen[f"{prefix}.{name}" if prefix else name] = param
     return chosen
 

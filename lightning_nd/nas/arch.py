@@ -107,9 +107,19 @@ def check_arch(model: nn.Module, arch: list[int], allow_dead: bool = False) -> l
 
 def set_arch(model: nn.Module, arch: list[int], allow_dead: bool = False) -> None:
     """Make ``arch`` the active architecture of every ``Choice`` in ``model`` (see :func:`check_arch`)."""
-    for d, index in zip(check_arch(model, arch, allow_dead), arch):
+    activate(check_arch(model, arch, allow_dead), arch)
+
+
+def activate(found: list[Decision], arch: list[int]) -> None:
+    """Set ``arch`` on already listed decisions without re-walking the model or validating (training hot path).
+
+    Use :func:`set_arch` unless ``arch`` is known to fit ``found`` (e.g. drawn by a ``PathSampler``).
+    """
+    for d, index in zip(found, arch):
+        index = int(index)
         for layer in d.layers:
-            layer.active = int(index)
+            # `active` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer/module bookkeeping
+            object.__setattr__(layer, "active", index)
 
 
 def alive_options(model: nn.Module) -> list[list[int]]:

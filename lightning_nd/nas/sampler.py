@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nd.nas.arch import alive_options
+from lightning_nd.nas.arch import Decision, decisions
 
 
 def arch_hash(arch: Sequence[int]) -> int:
@@ -86,19 +86,32 @@ class PathSampler:
                 raise ValueError(f"flops bin {b} must be a (low, high) pair with low < high")
         if bins and cost is None:
             raise ValueError("flops_bins needs cost=ArchCost(model, input_shape) to measure each path")
-        alive_options(model)  # raises for a model without Choice layers
+        # The decisions are listed once (the structure of a supernet is fixed); their alive masks are re-read
+        # whenever one changed (see options()), so sampling needs no module walk and no host sync per step.
+        self._decisions: list[Decision] = decisions(model)
+        if not self._decisions:
+            raise ValueError(f"{type(model).__name__} has no Choice layers: it is not a supernet")
         self.model, self.seed, self.constraint = model, int(seed), constraint
         self.flops_bins, self.cost = bins, cost
         self.max_tries, self.on_failure = int(max_tries), on_failure
         self._warned = False
+        self._masks: list[tuple[torch.Tensor, int]] = []
+        self._options: list[list[int]] = []
 
     def rng(self, step: int, salt: int = 0) -> np.random.Generator:
         """The generator for ``step``: a pure function of ``(seed, step, salt)``."""
         return np.random.default_rng([self.seed, int(step) & 0xFFFFFFFFFFFF, int(salt)])
 
     def options(self) -> list[list[int]]:
-        """The alive candidate indices of every decision."""
-        return alive_options(self.model)
+        """The alive candidate indices of every decision (re-read only when an ``alive`` mask changed)."""
+        masks = [d.layers[0].alive for d in self._decisions]
+        # `_version` counts in-place writes (set_alive, load_state_dict's copy_); `.to()` makes a new tensor
+        if len(masks) != len(self._masks) or any(
+            m is not old or m._version != version for m, (old, version) in zip(masks, self._masks)
+        ):
+            self._options = [d.alive for d in self._decisions]
+            self._masks = [(m, m._version) for m in masks]
+        return [list(o) for o in self._options]
 
     def random_arch(self, rng: np.random.Generator, options: Sequence[Sequence[int]] | None = None) -> list[int]:
         """One unconstrained uniform path."""

@@ -35,6 +35,9 @@ class ConvBN(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups: of the convolution
             (``kernel_size`` and ``padding`` may be ``(h, w)`` pairs).
 
+    Raises:
+        ValueError: from ``nn.Conv2d`` for invalid sizes (e.g. groups that do not divide the channels).
+
     Example::
 
         branch = ConvBN(16, 32, 3, stride=2, padding=1)
@@ -96,6 +99,22 @@ class ReparamBlock(nn.Module, metaclass=ABCMeta):
 
     Raises:
         ValueError: from subclasses, on an invalid geometry.
+
+    Example::
+
+        class Plain(ReparamBlock):            # a block with a single k x k conv+BN branch
+            _branch_names = ("branch",)
+
+            def __init__(self, c: int, deploy: bool = False):
+                super().__init__(c, c, 3, 1, 1, 1, 1, None, deploy)
+                if not deploy:
+                    self.branch = ConvBN(c, c, 3, padding=1)
+
+            def forward_branches(self, x):
+                return self.branch(x)
+
+            def kernel_bias(self):
+                return self.branch.kernel_bias()
     """
 
     _branch_names: tuple[str, ...] = ()

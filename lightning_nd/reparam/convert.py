@@ -103,8 +103,8 @@ def convert_model(
         **block_kwargs: passed to every block (e.g. ``gamma_init=1/3`` for ACB, ``internal_channels`` for DBB).
 
     Raises:
-        ValueError: for an unknown block, a BN without running statistics or affine parameters that the block
-            cannot hold, or when the model has no eligible pair.
+        ValueError: for an unknown block, an eligible conv whose BN has no running statistics, block arguments the
+            block rejects, or when the model has no eligible pair.
 
     Example::
 
@@ -127,8 +127,8 @@ def convert_model(
         new.train(conv.training)
         tail = bn_tail(bn)
         tail.train(bn.training)
-        setattr(pair.parent, pair.conv_name, new)
-        setattr(pair.parent, pair.bn_name, tail)
+        setattr(pair.conv_parent, pair.conv_name, new)
+        setattr(pair.bn_parent, pair.bn_name, tail)
         count += 1
     if count == 0:
         raise ValueError(

@@ -38,6 +38,9 @@ class BNAndPad(nn.Module):
         num_features: channels.
         pad: pixels added on each side.
 
+    Raises:
+        ValueError: from ``nn.BatchNorm2d`` for a non-positive ``num_features``.
+
     Example::
 
         layer = BNAndPad(16, pad=1)    # (N, 16, H, W) -> (N, 16, H + 2, W + 2)
@@ -64,6 +67,9 @@ class IdentityBasedConv1x1(nn.Conv2d):
     Args:
         channels: input and output channels.
         groups: groups of the conv.
+
+    Raises:
+        ValueError: when ``groups`` does not divide ``channels``.
 
     Example::
 

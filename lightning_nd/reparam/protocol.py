@@ -39,7 +39,16 @@ _MARK = "_lnd_reparameterized"
 
 @dataclass
 class ReparamStats:
-    """What a conversion did."""
+    """What a conversion did (returned by :func:`reparameterize_with_stats`).
+
+    Raises:
+        Nothing: a plain record.
+
+    Example::
+
+        fused, stats = reparameterize_with_stats(model, fold_bn=True)
+        print(stats.converted, stats.folded_bn, stats.total)    # {'reparameterize': 22} 0 22
+    """
 
     converted: dict[str, int] = field(default_factory=dict)  # method name -> modules converted by it
     folded_bn: int = 0  # conv -> BN pairs folded by the generic pass
@@ -99,7 +108,7 @@ def fold_conv_bn_pairs(model: nn.Module) -> int:
         conv.bias.copy_(b.to(conv.bias.dtype))
         tail = bn_tail(bn)
         tail.train(bn.training)
-        setattr(pair.parent, pair.bn_name, tail)
+        setattr(pair.bn_parent, pair.bn_name, tail)
         count += 1
     return count
 

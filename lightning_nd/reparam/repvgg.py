@@ -34,7 +34,20 @@ _SPECS: dict[str, tuple[tuple[int, int, int, int], tuple[float, float]]] = {
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling, dropout and a linear layer (keys ``fc.*``, as timm's ``ClassifierHead``)."""
+    """Global average pooling, dropout and a linear layer (keys ``fc.*``, as timm's ``ClassifierHead``).
+
+    Args:
+        in_features: channels of the feature map.
+        num_classes: outputs; 0 gives pooled features (``fc`` is an ``Identity``).
+        drop_rate: dropout probability before ``fc``.
+
+    Raises:
+        ValueError: from ``nn.Dropout`` for a ``drop_rate`` outside [0, 1].
+
+    Example::
+
+        head = ClassifierHead(1280, 10)      # (N, 1280, H, W) -> (N, 10)
+    """
 
     def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()

@@ -1,5 +1,3 @@
-import math
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -7,7 +5,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_nd.callbacks import DEQDivergenceError, DEQMonitor
 from lightning_nd.modules import DEQClassifier
-from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+from tests.implicit.helpers import TinyDEQNet, one_torch_thread, tiny_loaders  # noqa: F401 (autouse fixture)
 
 
 def _trainer(callbacks, **kw):
@@ -92,6 +90,8 @@ def test_state_dict_roundtrip_and_validation():
     other.load_state_dict(monitor.state_dict())
     assert (other.batches, other.unconverged, other.worst_rel, other.warnings_issued) == (5, 2, 0.3, 1)
     assert torch.equal(other.hist["fwd_rel"], torch.arange(3.0))
+    monitor.hist["fwd_rel"].add_(1.0)  # the loaded state is a copy, not shared with the saved one
+    assert torch.equal(other.hist["fwd_rel"], torch.arange(3.0))
     with pytest.raises(ValueError, match="on_divergence='ignore'.*'stop', 'raise'"):
         DEQMonitor(on_divergence="ignore")
     with pytest.raises(ValueError, match="unconverged_warn=1.5"):
@@ -100,4 +100,20 @@ def test_state_dict_roundtrip_and_validation():
         DEQMonitor(log_every_n_steps=0)
     with pytest.raises(ValueError, match="explode_threshold=-1"):
         DEQMonitor(explode_threshold=-1.0)
-    assert not math.isnan(other.worst_rel)
+
+
+def test_exploding_backward_residual_stops_before_the_weights_change():
+    # z <- 3 z + x: two forward steps stay finite, but the adjoint iteration g <- 3 g + dl/dz explodes (protective break)
+    net = TinyDEQNet(cell=lambda z, x: 3.0 * z + x, f_solver="fixed_point", f_max_iter=2, b_solver="fixed_point",
+                     b_max_iter=40)
+    model = DEQClassifier(net, num_classes=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    monitor = DEQMonitor()
+    train, _ = tiny_loaders()
+    with pytest.warns(UserWarning, match=r"stopped training at step 0 .*backward \(adjoint\) residual of DEQ 'net.deq'"):
+        trainer = _trainer([monitor])
+        trainer.fit(model, train)
+    assert model.net.deq.last_stats.backward.diverged and not model.net.deq.last_stats.forward.diverged
+    assert trainer.global_step == 1 and "backward (adjoint)" in monitor.stop_reason
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)

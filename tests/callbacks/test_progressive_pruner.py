@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -87,6 +88,8 @@ def test_depth_sampling_forces_the_op_and_adds_identities():
     assert (archs[:, 3] == 2).all()
     depth = (archs == 6).sum(1)
     assert depth.min() == 0 and depth.max() >= 12  # a uniform number of identity layers
+    pruner.setup(SimpleNamespace(callbacks=[AngleTracker()], datamodule=None), net, "fit")
+    assert pruner.drop_per_step == 7  # ABS: op_num + 1, identity not counted
 
 
 def test_bad_schedules_are_clear_errors():

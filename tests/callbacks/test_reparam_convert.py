@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -10,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_nd.callbacks import ReparamConvert
+from lightning_nd.callbacks.reparam_convert import in_spawned_worker
 from lightning_nd.datamodules import DigitsDataModule
 from lightning_nd.modules import ImageClassifier
 from lightning_nd.reparam import ACBlock, DiverseBranchBlock, ReparamBlock
@@ -77,3 +81,21 @@ def test_preserve_keeps_the_trained_function():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def _worker_probe(queue) -> None:
+    queue.put(in_spawned_worker(SimpleNamespace(strategy=SimpleNamespace(launcher=object()))))
+
+
+def test_spawned_worker_detection_uses_public_api():
+    with_launcher = SimpleNamespace(strategy=SimpleNamespace(launcher=object()))
+    assert not in_spawned_worker(with_launcher)  # the main process
+    assert not in_spawned_worker(trainer())  # one device: no launcher
+    ctx = multiprocessing.get_context("fork")  # what ddp_fork does; ddp_spawn's workers are multiprocessing children too
+    queue = ctx.Queue()
+    process = ctx.Process(target=_worker_probe, args=(queue,))
+    process.start()
+    try:
+        assert queue.get(timeout=60) is True
+    finally:
+        process.join(timeout=60)

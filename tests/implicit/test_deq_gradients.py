@@ -227,3 +227,15 @@ def test_bad_options_and_diverging_cell():
     with pytest.warns(RuntimeWarning, match="DEQ forward solve diverged"):
         out = deq(torch.ones(2, 3))
     assert torch.isfinite(out).all() and deq.last_stats.forward.diverged
+
+
+def test_higher_order_gradients_fail_clearly_in_ift_and_work_in_phantom_mode():
+    cell = ConvCell(channels=2, scale=0.6)
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    deq = DEQ(cell, f_tol=1e-5, b_tol=1e-6)
+    with pytest.raises(RuntimeError, match="first-order only.*create_graph=True"):
+        torch.autograd.grad(deq(x).pow(3).sum(), x, create_graph=True)
+    deq = DEQ(cell, f_tol=1e-5, backward="phantom", phantom_steps=2)
+    (g,) = torch.autograd.grad(deq(x).pow(3).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0

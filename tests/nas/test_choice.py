@@ -26,8 +26,12 @@ def test_different_output_shapes_name_the_layer():
 
 
 def test_forward_runs_the_active_candidate():
-    c = Choice({"double": nn.Identity(), "zero": nn.ZeroPad2d(0)})
+    c = Choice({"same": nn.Identity(), "softsign": nn.Softsign()})
+    x = torch.full((1, 1, 2, 2), 3.0)
+    with pytest.raises(RuntimeError, match="no active candidate"):
+        c(x)
     c.active = 0
-    x = torch.ones(1, 1, 2, 2)
     assert torch.equal(c(x), x)
-    assert c.names == ["double", "zero"] and c.alive.tolist() == [True, True]
+    c.active = 1
+    assert torch.equal(c(x), torch.full_like(x, 0.75))
+    assert c.names == ["same", "softsign"] and c.alive.tolist() == [True, True]

@@ -30,6 +30,19 @@ def test_alive_masks_are_respected():
     assert {sampler.sample(s)[2] for s in range(200)} == {2, 3}
 
 
+def test_masks_changed_after_construction_are_seen():
+    net = tiny()
+    sampler = PathSampler(net)
+    assert {sampler.sample(s)[2] for s in range(100)} == set(range(5))
+    for op in (0, 1, 4):
+        set_alive(net, 2, op, False)
+    assert {sampler.sample(s)[2] for s in range(100)} == {2, 3}
+    restored = PathSampler(tiny())
+    assert {restored.sample(s)[2] for s in range(100)} == set(range(5))
+    restored.model.load_state_dict(net.state_dict())  # a resumed run: the masks are restored in place
+    assert [restored.sample(s) for s in range(20)] == [sampler.sample(s) for s in range(20)]
+
+
 def test_constraint_and_flops_bins():
     net = tiny()
     cost = ArchCost(net, (3, 8, 8))

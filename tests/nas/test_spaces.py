@@ -38,6 +38,7 @@ def nb201_strings():
 def test_nb201_params_match_official_records_and_formula():
     strings = nb201_strings()
     net = build_space("nb201", num_classes=10)
+    supernet_no_affine = build_space("nb201", num_classes=10, affine=False)
     indices = [0, 11, 284] + random.Random(0).sample(range(len(strings)), 5)
     for idx in indices:
         arch = str_to_arch(strings[idx])
@@ -45,6 +46,8 @@ def test_nb201_params_match_official_records_and_formula():
         sub = export_subnet(net, arch, inherit_weights=False)
         n3, n1 = arch.count(3), arch.count(2)
         assert count_params(sub) == 73306 + 243040 * n3 + 28000 * n1, strings[idx]
+        no_affine = export_subnet(supernet_no_affine, arch, inherit_weights=False)  # official supernet: no cell BN affine
+        assert count_params(sub) - count_params(no_affine) == 5 * 2 * (16 + 32 + 64) * (n3 + n1)  # BN affine per conv
         if idx in OFFICIAL:
             flops, params = OFFICIAL[idx]
             assert count_params(sub) == round(params * 1e6)

@@ -45,6 +45,24 @@ def test_one_path_per_optimizer_step_and_unsampled_grads_stay_none():
     assert rec.paths[0::2] == [model.sampler.sample(s) for s in range(3)]
 
 
+def test_all_zero_candidate_grads_become_none():
+    model = SupernetModule("nb201", num_classes=10, space_kwargs={"C": 4, "N": 1})
+    net, arch = model.net, model.current_arch
+    net(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    for p in net.parameters():  # zero_grad(set_to_none=False) leaves zero tensors on unsampled ops
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sampled = [p for d, i in zip(decisions(net), arch) for layer in d.layers for p in layer.candidates[i].parameters()]
+    assert sampled and all(p.grad.abs().sum() > 0 for p in sampled)
+    model.on_before_optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1))
+    sampled_ids = {id(p) for p in sampled}
+    for d in decisions(net):
+        for layer in d.layers:
+            for p in layer.candidates.parameters():
+                assert (p.grad is not None) == (id(p) in sampled_ids)
+    assert net.classifier.weight.grad is not None
+
+
 def test_evaluate_arch_restores_state():
     dm = DigitsDataModule(batch_size=32)
     dm.setup("fit")

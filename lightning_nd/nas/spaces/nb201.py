@@ -74,11 +74,11 @@ def str_to_arch(text: str) -> list[int]:
 class ReLUConvBN(nn.Sequential):
     """ReLU -> Conv (no bias) -> BN, the NB201 conv op."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, affine: bool = True) -> None:
         super().__init__(
             nn.ReLU(inplace=False),
             nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
-            nn.BatchNorm2d(c_out),
+            nn.BatchNorm2d(c_out, affine=affine),
         )
 
 
@@ -115,12 +115,12 @@ class AvgPool(nn.AvgPool2d):
         self.channels = channels
 
 
-def nb201_op(name: str, channels: int) -> nn.Module:
+def nb201_op(name: str, channels: int, affine: bool = True) -> nn.Module:
     return {
         "none": lambda: Zero(channels),
         "skip_connect": lambda: Skip(channels),
-        "nor_conv_1x1": lambda: ReLUConvBN(channels, channels, 1),
-        "nor_conv_3x3": lambda: ReLUConvBN(channels, channels, 3),
+        "nor_conv_1x1": lambda: ReLUConvBN(channels, channels, 1, affine=affine),
+        "nor_conv_3x3": lambda: ReLUConvBN(channels, channels, 3, affine=affine),
         "avg_pool_3x3": lambda: AvgPool(channels),
     }[name]()
 
@@ -128,11 +128,11 @@ def nb201_op(name: str, channels: int) -> nn.Module:
 class NB201Cell(nn.Module):
     """A searchable NB201 cell: 6 ``Choice`` edges keyed ``"1<-0" ... "3<-2"`` (shared by all cells)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, affine: bool = True) -> None:
         super().__init__()
         self.edges = nn.ModuleDict(
             {
-                f"{j}<-{i}": Choice({op: nb201_op(op, channels) for op in NB201_OPS}, key=f"{j}<-{i}")
+                f"{j}<-{i}": Choice({op: nb201_op(op, channels, affine) for op in NB201_OPS}, key=f"{j}<-{i}")
                 for j, i in NB201_EDGES
             }
         )
@@ -167,6 +167,9 @@ class NB201Supernet(nn.Module):
             FLOPs/shape checks of the modules that build the space.
         C: channels of the first stage (16 in the benchmark).
         N: cells per stage (5 in the benchmark).
+        affine: BN affine parameters in the cell ops. ``True`` (default) gives the benchmark's standalone networks
+            and parameter counts; ``False`` is the official one-shot supernet (ABS/RLNAS ``affine=False`` inside
+            cells, so their NB201 angle counts only the conv weights of cell ops).
 
     Raises:
         ValueError: for non-positive ``C``/``N``/``num_classes`` or an input size below 4.
@@ -178,7 +181,9 @@ class NB201Supernet(nn.Module):
         logits = net(torch.randn(2, 3, 32, 32))
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, input_size: int = 32, C: int = 16, N: int = 5) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 3, input_size: int = 32, C: int = 16, N: int = 5, affine: bool = True
+    ) -> None:
         super().__init__()
         if C < 1 or N < 1 or num_classes < 1 or in_chans < 1:
             raise ValueError(f"C={C}, N={N}, num_classes={num_classes}, in_chans={in_chans} must all be >= 1")
@@ -192,7 +197,7 @@ class NB201Supernet(nn.Module):
             if stage > 0:
                 cells.append(ResNetBasicBlock(channels, width))
                 channels = width
-            cells.extend(NB201Cell(width) for _ in range(N))
+            cells.extend(NB201Cell(width, affine) for _ in range(N))
         self.cells = nn.ModuleList(cells)
         self.lastact = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
