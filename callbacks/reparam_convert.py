@@ -151,8 +151,8 @@ class ReparamConvert(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.convert(pl_module) and stage == "fit" and in_spawned_worker(trainer):
             rank_zero_warn(
-                "ReparamConvert: converting inside a spawned worker (ddp_spawn): the main process's model stays "
-                "unconverted and will NOT receive the trained weights (Lightning loads them with strict=False). "
+                "ReparamConvert: converting inside a worker process (ddp_spawn, ddp_fork, ddp_notebook): the main "
+                "process's model stays unconverted and will NOT receive the trained weights (Lightning loads them with strict=False). "
                 "Call ReparamConvert(...).convert(model) before trainer.fit, or use the checkpoint / ReparamFuse's "
                 "deploy file."
             )

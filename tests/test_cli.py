@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_nd.datamodules import DigitsDataModule
 from torch import nn
 
 from lightning_nd.cli import create_cli, main
+from lightning_nd.datamodules import DigitsDataModule
 from lightning_nd.modules import ImageClassifier
 
 FAST = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]

@@ -38,7 +38,8 @@ class DEQClassifier(ImageClassifier):
         jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch); default off.
 
     Raises:
-        ValueError: if the network contains no DEQ layer, and for the :class:`ImageClassifier` errors.
+        ValueError: if the network contains no DEQ layer or a DEQ layer built with ``jac_reg=True`` (the schedule
+            decides), and for the :class:`ImageClassifier` errors.
 
     Example::
 
@@ -64,8 +65,15 @@ class DEQClassifier(ImageClassifier):
         elif model_kwargs:
             raise ValueError("model_kwargs only apply to the default MDEQ; configure the given model directly")
         super().__init__(model, num_classes, in_chans, label_smoothing, optimizer, lr_scheduler)
-        if not find_deqs(self.net):
+        deqs = find_deqs(self.net)
+        if not deqs:
             raise ValueError(f"DEQClassifier needs a network with at least one DEQ layer; {type(model).__name__} has none")
+        flagged = [name for name, m in deqs if m.jac_reg]
+        if flagged:  # the schedule below sets the flags per step: a flag set on the layer would be silently overridden
+            raise ValueError(
+                f"DEQ layer(s) {flagged} were built with jac_reg=True, which DEQClassifier overrides every step; "
+                "configure the regularisation with DEQClassifier(jac_reg=JacobianSchedule(weight=..., prob=...))"
+            )
         self.jac_schedule = jac_reg if jac_reg is not None else JacobianSchedule()
 
     def _warm(self) -> bool:

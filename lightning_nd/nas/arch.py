@@ -187,19 +187,52 @@ def arch_from_json(model: nn.Module, data: dict[str, Any] | str | Path, allow_de
 def export_subnet(model: nn.Module, arch: list[int] | None = None, inherit_weights: bool = True) -> nn.Module:
     """A standalone network with only the chosen ops: every ``Choice`` replaced by its chosen candidate.
 
+    Only the modules on the chosen path are copied (the unused candidates are never deep-copied).
+
     Args:
         model: the supernet (left unchanged).
         arch: the architecture (default: the active one).
         inherit_weights: keep the supernet's trained weights; ``False`` re-initialises every parameter
             (``reset_parameters`` where a module has one) for training from scratch.
     """
-    subnet = copy.deepcopy(model)
-    arch = get_arch(subnet) if arch is None else arch
-    set_arch(subnet, arch, allow_dead=True)
-    for parent in list(subnet.modules()):
+    arch = get_arch(model) if arch is None else [int(i) for i in arch]
+    found = check_arch(model, arch, allow_dead=True)
+    index = {id(layer): int(i) for d, i in zip(found, arch) for layer in d.layers}
+    used: set[int] = set()
+    stack = [model]
+    while stack:  # the modules reachable along the chosen path (a module shared with the path is used)
+        module = stack.pop()
+        if id(module) in used:
+            continue
+        used.add(id(module))
+        if isinstance(module, Choice):
+            stack.append(module.candidates[index[id(module)]])
+        else:
+            stack.extend(module.children())
+    memo: dict[int, Any] = {
+        id(m): m  # "copied" as themselves: deepcopy leaves unused candidates alone; they are dropped below
+        for layer in (lay for d in found for lay in d.layers)
+        for op in layer.candidates
+        for m in op.modules()
+        if id(m) not in used
+    }
+    subnet = copy.deepcopy(model, memo)
+    copied_index = {id(memo[i]): k for i, k in index.items() if i in memo}
+
+    def chosen(module: nn.Module) -> nn.Module:
+        while isinstance(module, Choice):
+            module = module.candidates[copied_index[id(module)]]
+        return module
+
+    subnet = chosen(subnet)
+    stack = [subnet]
+    while stack:
+        parent = stack.pop()
         for child_name, child in list(parent.named_children()):
             if isinstance(child, Choice):
-                setattr(parent, child_name, child.candidates[child.active])
+                child = chosen(child)
+                setattr(parent, child_name, child)
+            stack.append(child)
     if not inherit_weights:
         for module in subnet.modules():
             reset = getattr(module, "reset_parameters", None)

@@ -5,7 +5,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_nd.callbacks import DEQDivergenceError, DEQMonitor
 from lightning_nd.modules import DEQClassifier
-from tests.implicit.helpers import TinyDEQNet, one_torch_thread, tiny_loaders  # noqa: F401 (autouse fixture)
+from tests.implicit.helpers import TinyDEQNet, tiny_loaders
 
 
 def _trainer(callbacks, **kw):

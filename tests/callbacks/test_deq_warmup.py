@@ -6,7 +6,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_nd.callbacks import DEQMonitor, DEQWarmup
 from lightning_nd.modules import DEQClassifier, ImageClassifier
-from tests.implicit.helpers import TinyDEQNet, one_torch_thread, tiny_loaders  # noqa: F401 (autouse fixture)
+from tests.implicit.helpers import TinyDEQNet, tiny_loaders
 
 
 class _Probe(Callback):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from lightning_nd.datamodules import DigitsDataModule, FashionMNISTDataModule
 from lightning_nd.datamodules.fashion_mnist import DEBIAN_DIR
 

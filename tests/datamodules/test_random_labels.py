@@ -4,8 +4,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning_nd.datamodules import DigitsDataModule, RandomLabels
 
+from lightning_nd.datamodules import DigitsDataModule, RandomLabels
 from lightning_nd.modules import ImageClassifier
 
 

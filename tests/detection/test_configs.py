@@ -18,7 +18,6 @@ def test_shapes_configs_fast_dev_run(name):
     main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run=1", *QUIET])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["retinanet_ifpn_coco", "fcos_ifpn_coco"])
 def test_coco_configs_run_on_a_tiny_coco_folder(name, tmp_path):
     shapes = ShapesDetectionDataModule(image_size=64, max_size=24)

@@ -31,7 +31,6 @@ class _LossRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.slow
 def test_ifpn_retinanet_loss_falls_on_shapes():
     pl.seed_everything(0)
     data = ShapesDetectionDataModule(num_train=2, num_val=2, batch_size=2, image_size=64, max_size=24)

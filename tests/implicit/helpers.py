@@ -2,23 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run a test with one intra-op thread (autouse where imported into a conftest or test module).
-
-    These tests push tiny tensors through thousands of small ops; a second OpenMP thread only adds synchronisation,
-    and on a busy 2-core runner the spinning threads made the DEQ/detection tests 2-3x slower (measured 187 s vs
-    51-79 s for the two families).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ConvCell(nn.Module):

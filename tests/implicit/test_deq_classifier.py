@@ -46,6 +46,8 @@ def test_classifier_needs_a_deq():
         DEQClassifier(torch.nn.Linear(3, 3), num_classes=3)
     with pytest.raises(ValueError, match="model_kwargs only apply"):
         DEQClassifier(TinyDEQNet(), num_classes=3, model_kwargs={"channels": [4]})
+    with pytest.raises(ValueError, match=r"\['deq'\] were built with jac_reg=True.*JacobianSchedule"):
+        DEQClassifier(TinyDEQNet(jac_reg=True), num_classes=3)
 
 
 def test_tiny_fashion_config_runs(repo_root):

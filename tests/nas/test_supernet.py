@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_nd.cli import main
 from lightning_nd.datamodules import DigitsDataModule
 from lightning_nd.modules import SupernetModule
-from lightning_nd.nas import decisions
+from lightning_nd.nas import decisions, set_arch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "nas"
 
@@ -47,8 +47,10 @@ def test_one_path_per_optimizer_step_and_unsampled_grads_stay_none():
 
 def test_all_zero_candidate_grads_become_none():
     model = SupernetModule("nb201", num_classes=10, space_kwargs={"C": 4, "N": 1})
-    net, arch = model.net, model.current_arch
-    net(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    net, arch = model.net, [3, 2, 3, 4, 3, 1]  # every edge on a live path: every sampled op gets a gradient
+    set_arch(net, arch)
+    torch.manual_seed(0)
+    (net(torch.randn(4, 3, 8, 8)) * torch.randn(4, 10)).sum().backward()
     for p in net.parameters():  # zero_grad(set_to_none=False) leaves zero tensors on unsampled ops
         if p.grad is None:
             p.grad = torch.zeros_like(p)
