@@ -48,7 +48,7 @@ def step_times(quick):
     so load changes on a shared machine hit both alike.
     """
     kw = {"C": 8, "N": 2} if quick else {"C": 16, "N": 5}
-    batch, repeats = (32, 25) if quick else (64, 30)
+    batch, repeats = (32, 40) if quick else (64, 30)
     model = SupernetModule("nb201", num_classes=10, space_kwargs=kw)
     net = model.net
     arch = [3, 2, 3, 4, 3, 1]

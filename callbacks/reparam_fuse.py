@@ -293,6 +293,7 @@ class ReparamFuse(Callback):
         restore_train_form(pl_module, self.attr)
         with torch.inference_mode(False):  # evaluation hooks run in inference mode; the copy must stay usable
             deploy, report = self.fuse(trainer, pl_module)
+        report = trainer.strategy.broadcast(report, src=0)  # all ranks swap, or all raise
         if report.get("passed") is False and self.strict:
             raise RuntimeError(
                 f"ReparamFuse: deploy form differs by {report['max_rel_error']:.3g} > rtol={report['rtol']:.3g}; "

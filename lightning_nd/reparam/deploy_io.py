@@ -52,6 +52,8 @@ def load_deploy(
 ) -> nn.Module:
     """The deploy model stored at ``path`` by :func:`save_deploy` or ``ReparamFuse``, in eval mode.
 
+    The file holds a pickled module (``torch.load(weights_only=False)``): load only files you trust.
+
     Args:
         path: a file written by :func:`save_deploy` (``.pt``), or a TorchScript file (``.ts``) from ``ReparamFuse``.
         model: optional training-form model of the same architecture: it is fused (a copy) and the stored weights

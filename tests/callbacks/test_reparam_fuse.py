@@ -98,7 +98,7 @@ def test_failed_check_raises_and_writes_no_model(tmp_path):
     assert (tmp_path / "reparam_report.json").is_file() and not (tmp_path / "deploy.pt").exists()
 
 
-def test_nothing_to_fuse_warns_and_random_input(tmp_path):
+def test_nothing_to_fuse_warns_and_checks_a_training_batch(tmp_path):
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     model = ImageClassifier(net, num_classes=10, in_chans=1)
     fuse = ReparamFuse(input_shape=(1, 8, 8))
