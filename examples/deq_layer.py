@@ -60,11 +60,15 @@ class LitDEQ(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def main(max_epochs: int = 2, root: str = "runs/deq_layer") -> pl.Trainer:
+def main(max_epochs: int = 2, root: str = "runs/deq_layer", limit_train_batches: int | None = None) -> pl.Trainer:
     pl.seed_everything(0)
     trainer = pl.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", default_root_dir=root, callbacks=[DEQMonitor()],
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        default_root_dir=root,
+        callbacks=[DEQMonitor()],
         log_every_n_steps=5,
+        limit_train_batches=limit_train_batches,
     )
     trainer.fit(LitDEQ(), DigitsDataModule(batch_size=64))
     return trainer
