@@ -41,6 +41,7 @@ from lightning_nd.callbacks import AngleTracker, EvolutionSearch
 from lightning_nd.datamodules import CIFARDataModule, FashionMNISTDataModule, RandomLabels
 from lightning_nd.modules import SupernetModule
 from lightning_nd.nas import build_space, naswot_score
+from lightning_nd.nas.angle import AngleStats
 from lightning_nd.nas.bench import NB201, rank_correlation
 from lightning_nd.nas.spaces.nb201 import str_to_arch
 
@@ -70,7 +71,8 @@ def train_supernet(args: argparse.Namespace, random_labels: bool, workdir: Path)
     if random_labels:
         data = RandomLabels(data, seed=args.seed)
     model = SupernetModule(
-        "nb201", num_classes=10, space_kwargs={"C": args.C, "N": args.N}, seed=args.seed, calib_batches=0,
+        "nb201", num_classes=10, space_kwargs={"C": args.C, "N": args.N, "affine": args.affine}, seed=args.seed,
+        calib_batches=0,
         optimizer=lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
         lr_scheduler=None,
     )
@@ -87,6 +89,27 @@ def train_supernet(args: argparse.Namespace, random_labels: bool, workdir: Path)
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
     return model, tracker, {"seconds": seconds, "search": search.result, "data": data}
+
+
+def cell_only_angles(stats: AngleStats, archs: np.ndarray) -> np.ndarray:
+    """Path angle over the choice (cell-op) weights only, leaving out the fixed layers (stem, reductions, head).
+
+    The same decomposition as :meth:`AngleStats.path_cos` (public ``blocks``, ``layout.const``,
+    ``layout.multiplicity``) without the ``fixed`` term; a path whose every edge is dropped, or that has no
+    weights and no pseudo-weights, gets angle 0.
+    """
+    archs = np.atleast_2d(np.asarray(archs, dtype=np.int64))
+    blocks = stats.blocks + stats.layout.const[:, None]
+    gathered = blocks[archs + stats.layout.offsets]
+    if stats.layout.multiplicity is not None:
+        mult = np.asarray(stats.layout.multiplicity(archs), dtype=np.float64)
+        totals = np.einsum("nd,ndk->nk", mult, gathered)
+    else:
+        totals = gathered.sum(axis=1)
+    denom = np.sqrt(totals[:, 1] * totals[:, 2])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, totals[:, 0] / denom, 1.0)
+    return np.arccos(np.clip(cos, -1.0, 1.0))
 
 
 def fixed(loader, num: int) -> list:
@@ -115,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-batches", type=int, default=3)
     parser.add_argument("--naswot-batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--affine", action=argparse.BooleanOptionalAction, default=True,
+                        help="BN affine in the cell ops (--no-affine: the official one-shot supernet)")
+    parser.add_argument("--labels", choices=("both", "random"), default="both",
+                        help="train both supernets or only the random-label (RLNAS) one")
+    parser.add_argument("--naswot", action=argparse.BooleanOptionalAction, default=True, help="compute NASWOT")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared, oversubscribed CPU 2 OpenMP threads ran 4x slower)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "nas_ranking.md")
@@ -131,32 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cells, published = sample_cells(args.archs, args.seed)
     archs = [str_to_arch(c) for c in cells]
-    print(f"{len(cells)} cells; training supernets C={args.C} N={args.N} for {args.steps} steps", flush=True)
+    print(f"{len(cells)} cells; training supernets C={args.C} N={args.N} affine={args.affine} for {args.steps} steps",
+          flush=True)
+    scores: dict[str, list[float]] = {}
 
     # NASWOT on the paths of a freshly initialised supernet (same width), one fixed minibatch for every cell
-    start = time.perf_counter()
-    dm = make_data(args)
-    dm.setup("fit")
-    x = torch.cat([b[0] for b in fixed(dm.train_dataloader(), math.ceil(args.naswot_batch / args.batch_size))])
-    x = x[: args.naswot_batch]
-    torch.manual_seed(args.seed)
-    init = build_space("nb201", num_classes=10, C=args.C, N=args.N)
-    scores: dict[str, list[float]] = {}
-    scores["NASWOT v2 (init supernet path)"] = [naswot_score(init, x, 2, arch=a) for a in archs]
-    budget["NASWOT v2"] = time.perf_counter() - start
-    start = time.perf_counter()
-    scores["NASWOT v1 (init supernet path)"] = [naswot_score(init, x, 1, arch=a) for a in archs]
-    budget["NASWOT v1"] = time.perf_counter() - start
-    print(f"NASWOT done in {budget['NASWOT v2'] + budget['NASWOT v1']:.0f} s", flush=True)
+    if args.naswot:
+        start = time.perf_counter()
+        dm = make_data(args)
+        dm.setup("fit")
+        x = torch.cat([b[0] for b in fixed(dm.train_dataloader(), math.ceil(args.naswot_batch / args.batch_size))])
+        x = x[: args.naswot_batch]
+        torch.manual_seed(args.seed)
+        init = build_space("nb201", num_classes=10, C=args.C, N=args.N, affine=args.affine)
+        scores["NASWOT v2 (init supernet path)"] = [naswot_score(init, x, 2, arch=a) for a in archs]
+        budget["NASWOT v2"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores["NASWOT v1 (init supernet path)"] = [naswot_score(init, x, 1, arch=a) for a in archs]
+        budget["NASWOT v1"] = time.perf_counter() - start
+        print(f"NASWOT done in {budget['NASWOT v2'] + budget['NASWOT v1']:.0f} s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         searches = {}
-        for random_labels in (True, False):
+        for random_labels in (True, False) if args.labels == "both" else (True,):
             name = "random labels" if random_labels else "true labels"
             model, tracker, info = train_supernet(args, random_labels, Path(tmp))
             budget[f"train ({name})"] = info["seconds"]
             tracker.compute_statistics(model)
             scores[f"angle, {name}"] = tracker.path_angles(archs).tolist()
+            scores[f"angle of the cell weights only, {name}"] = cell_only_angles(tracker.stats, np.array(archs)).tolist()
             start = time.perf_counter()
             everything = np.array([str_to_arch(bench.arch_str(i)) for i in range(len(bench))])
             angles = tracker.path_angles(everything)
@@ -179,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# NAS-Bench-201 ranking experiment ({'quick' if args.quick else 'GPU' if args.gpu else 'CPU'} setting)",
         "",
-        f"Supernets: nb201 space C={args.C}, N={args.N}, {args.steps} SGD steps at batch {args.batch_size} "
+        f"Supernets: nb201 space C={args.C}, N={args.N}, cell BN affine={args.affine}, {args.steps} SGD steps at batch {args.batch_size} "
         f"(lr {args.lr}) on {'CIFAR-10' if args.gpu else f'Fashion-MNIST padded to 3x32x32 ({args.train_subset} train images)'}; "
         f"{len(cells)} cells sampled (seed {args.seed}) from NASLib's published CIFAR-10 zero-cost sample. "
         f"Supernet accuracy: {args.calib_batches} calibration batches, {args.val_batches} validation batches of "
@@ -202,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [k for k in scores if k.startswith("NASWOT")]:
         first = bench.correlate(cells[:100], scores[name][:100], name=name)
         lines.append(f"| {name}, best of the first {len(first.archs)} sampled | {first.pick[1]:.2f} |")
-    if published:
+    if published and args.naswot:
         lines += ["", "Agreement with NASLib's published scores (real CIFAR-10 batches, C=16 N=5 network):", "",
                   "| ours vs published | Kendall tau | Spearman rho |", "|---|---|---|"]
         for ours, theirs in (("NASWOT v2 (init supernet path)", "nwot"), ("NASWOT v1 (init supernet path)", "jacov")):

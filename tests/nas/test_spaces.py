@@ -1,8 +1,6 @@
 """Spaces: exact NAS-Bench-201 parameter counts and FLOPs, SPOS/ABS space shapes."""
 
-import csv
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,6 @@ from lightning_nd.nas import (
 )
 from lightning_nd.nas.spaces import arch_to_str, register_space, str_to_arch
 
-TABLE = Path("/work/shared/data/nb201_natsbench_tss_test_acc_200ep.csv")
 OFFICIAL = {  # index: (C10 MFLOPs, C10 Mparams) from the NATS-Bench records (nas.md §6)
     0: (15.64737, 0.129306),
     11: (113.95137, 0.802426),
@@ -29,10 +26,11 @@ OFFICIAL = {  # index: (C10 MFLOPs, C10 Mparams) from the NATS-Bench records (na
 
 
 def nb201_strings():
-    if TABLE.exists():
-        with TABLE.open() as f:
-            return [row["ArchitectureString"] for row in csv.DictReader(f)]
-    pytest.skip("NAS-Bench-201 table not available")
+    """The official cell strings, in official index order, from the table shipped with the package."""
+    from lightning_nd.nas.bench import NB201
+
+    bench = NB201()
+    return [bench.arch_str(i) for i in range(len(bench))]
 
 
 def test_nb201_params_match_official_records_and_formula():
