@@ -1,7 +1,7 @@
 """Datamodules: offline classification data (digits, Fashion-MNIST), CIFAR and ImageFolder for GPU users,
 random labels for RLNAS, and detection data. One datamodule per file, re-exported here."""
 
-from lightning_nd.datamodules.base import ClassificationDataModule, ImageTensorDataset
+from lightning_nd.datamodules.base import ClassificationDataModule, ImageTensorDataset, SplitDataModule
 from lightning_nd.datamodules.cifar import CIFARDataModule
 from lightning_nd.datamodules.coco_detection import CocoDetectionDataModule
 from lightning_nd.datamodules.digits import DigitsDataModule
@@ -21,4 +21,5 @@ __all__ = [
     "RandomLabels",
     "RelabeledDataset",
     "ShapesDetectionDataModule",
+    "SplitDataModule",
 ]

@@ -84,17 +84,24 @@ def check_choice(name: str, value: object, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
 
 
-class ClassificationDataModule(pl.LightningDataModule):
-    """Base class: holds the three splits and builds the loaders; subclasses fill the splits in ``setup``.
+class SplitDataModule(pl.LightningDataModule):
+    """Base of every lightning_nd datamodule: holds the three splits and builds their loaders.
+
+    Subclasses fill ``train_dataset`` / ``val_dataset`` / ``test_dataset`` in an idempotent ``setup``; a loader
+    asked for before ``setup`` runs it. ``collate_fn`` and ``drop_last`` are class attributes (detection batches
+    are lists; classification drops a ragged last training batch).
 
     Args:
-        batch_size: samples per batch and per process.
+        batch_size: samples per training batch and per process.
         num_workers: loader worker processes.
-        eval_batch_size: batch size for validation and test; defaults to ``batch_size``.
+        eval_batch_size: batch size for validation, test and predict; defaults to ``batch_size``.
+
+    Raises:
+        ValueError: for ``batch_size < 1`` or ``num_workers < 0``.
     """
 
-    num_classes: int
-    input_shape: tuple[int, int, int]
+    collate_fn: Callable | None = None
+    drop_last: bool = False
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, eval_batch_size: int | None = None) -> None:
         super().__init__()
@@ -109,29 +116,47 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
 
-    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = getattr(self, f"{split}_dataset")
         if dataset is None:
-            raise RuntimeError(f"{type(self).__name__} has no {split} split: call setup() first")
+            self.setup(None)
+            dataset = getattr(self, f"{split}_dataset")
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no {split} split after setup()")
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) >= 2 * batch_size,  # type: ignore[arg-type]
+            collate_fn=type(self).collate_fn,
+            drop_last=self.drop_last and shuffle and len(dataset) >= 2 * batch_size,  # type: ignore[arg-type]
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", True, self.batch_size)
+        return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", False, self.eval_batch_size)
+        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", False, self.eval_batch_size)
+        return self._loader("test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class ClassificationDataModule(SplitDataModule):
+    """Base of the classification datamodules: the splits and loaders of :class:`SplitDataModule`, plus
+    ``num_classes``, ``input_shape`` (C, H, W) and :meth:`sample_batch`.
+
+    Args:
+        batch_size, num_workers, eval_batch_size: see :class:`SplitDataModule`.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    drop_last = True
 
     def sample_batch(self, size: int = 32, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed (unshuffled) batch of ``size`` samples, e.g. for equivalence checks or training-free scores."""
@@ -145,5 +170,3 @@ class ClassificationDataModule(pl.LightningDataModule):
         xs, ys = zip(*items)
         return torch.stack(xs), torch.as_tensor(ys)
 
-
-Transform = Callable[[torch.Tensor], torch.Tensor]

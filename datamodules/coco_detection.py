@@ -15,10 +15,10 @@ import contextlib
 import io
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from lightning_nd.datamodules.base import SplitDataModule
 from lightning_nd.datamodules.shapes_detection import detection_collate
 
 
@@ -106,7 +106,7 @@ class CocoDetectionDataset(Dataset):
         return image, target
 
 
-class CocoDetectionDataModule(pl.LightningDataModule):
+class CocoDetectionDataModule(SplitDataModule):
     """Detection data from a COCO-layout folder: ``<data_dir>/<split>/`` images and
     ``<data_dir>/annotations/instances_<split>.json``.
 
@@ -134,6 +134,8 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         model = DetectionModule(num_classes=dm.num_classes, ...)  # 81 for COCO 2017
     """
 
+    collate_fn = staticmethod(detection_collate)  # images and targets stay lists (torchvision detectors)
+
     def __init__(
         self,
         data_dir: str = "data/coco",
@@ -148,21 +150,13 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         hflip: bool = True,
         remove_images_without_annotations: bool = True,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
         self.annotation_pattern = annotation_pattern
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.contiguous, self.hflip = num_workers, contiguous_labels, hflip
+        self.contiguous, self.hflip = contiguous_labels, hflip
         self.remove_empty = remove_images_without_annotations
-        self.train_dataset: CocoDetectionDataset | None = None
-        self.val_dataset: CocoDetectionDataset | None = None
-        self.test_dataset: CocoDetectionDataset | None = None
         self._category_ids: list[int] | None = None
 
     def annotation_file(self, split: str) -> Path:
@@ -204,21 +198,3 @@ class CocoDetectionDataModule(pl.LightningDataModule):
             self.val_dataset = self._dataset("val", train=False)
         if stage in (None, "test", "predict"):
             self.test_dataset = self._dataset("test", train=False)
-
-    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__} has no {split} split: call setup() first")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=detection_collate, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", False, self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", False, self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

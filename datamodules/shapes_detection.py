@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from lightning_nd.datamodules.base import SplitDataModule
 
 SHAPES = ("circle", "rectangle", "triangle")
 
@@ -157,7 +158,7 @@ class ShapesDataset(Dataset):
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), target
 
 
-class ShapesDetectionDataModule(pl.LightningDataModule):
+class ShapesDetectionDataModule(SplitDataModule):
     """Deterministic synthetic detection data: circles, rectangles and triangles with exact boxes.
 
     The embedded default of the detection family: no files, no downloads, seconds to render. ``num_classes``
@@ -188,6 +189,8 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
         images, targets = next(iter(dm.train_dataloader()))  # lists; targets[0]["boxes"] is (N, 4) xyxy
     """
 
+    collate_fn = staticmethod(detection_collate)  # images and targets stay lists (torchvision detectors)
+
     def __init__(
         self,
         batch_size: int = 2,
@@ -204,13 +207,12 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_train", num_train), ("image_size", image_size),
-                            ("min_size", min_size)):
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        for name, value in (("num_train", num_train), ("image_size", image_size), ("min_size", min_size)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         for name, value in (("num_val", num_val), ("num_test", num_test), ("min_shapes", min_shapes),
-                            ("max_shapes", max_shapes), ("num_workers", num_workers)):
+                            ("max_shapes", max_shapes)):
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
         if min_shapes > max_shapes:
@@ -224,17 +226,13 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
         if not shapes or unknown or len(set(shapes)) != len(shapes):
             raise ValueError(f"shapes={list(shapes)} must be distinct names from {SHAPES}")
         self.save_hyperparameters()
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.seed, self.shapes = num_workers, seed, shapes
+        self.seed, self.shapes = seed, shapes
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.render_kwargs = {"image_size": image_size, "min_shapes": min_shapes, "max_shapes": max_shapes,
                                   "min_size": min_size, "max_size": max_size, "shapes": shapes}
         self.num_classes = len(shapes) + 1
         self.class_names = ("background", *shapes)
         self.input_shape = (3, image_size, image_size)
-        self.train_dataset: ShapesDataset | None = None
-        self.val_dataset: ShapesDataset | None = None
-        self.test_dataset: ShapesDataset | None = None
 
     def dataset(self, split: str) -> ShapesDataset:
         """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``), built without ``setup``."""
@@ -245,23 +243,3 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.train_dataset, self.val_dataset, self.test_dataset = (self.dataset(s) for s in ("train", "val", "test"))
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        dataset = getattr(self, f"{split}_dataset")
-        if dataset is None:
-            self.setup()
-            dataset = getattr(self, f"{split}_dataset")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=detection_collate, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
