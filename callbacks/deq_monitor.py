@@ -7,13 +7,18 @@ Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forwar
   relative residuals (max over the batch, since solvers stop on the worst sample) and the converged share;
 - accumulates fixed-bin histograms of the per-sample relative residuals and step counts and draws them at the end of
   each training epoch (``log_image``; TensorBoard also gets native histograms);
-- warns when more than ``unconverged_warn`` of an epoch's training batches ended with some sample above tolerance;
+- warns when more than ``unconverged_warn`` of an epoch's equilibrium-mode training batches (unrolled warm-up
+  batches do not count) ended with some sample above the forward tolerance, and likewise for the backward (adjoint)
+  tolerance; logs the share of samples whose adjoint solve fell back to the 1-step gradient (``bwd_fallback``);
 - checks before every backward whether the loss is NaN/inf or a forward residual is non-finite, hit the solver's
   protective break or exceeds ``explode_threshold``, and before every optimizer step whether a backward (adjoint)
   residual is non-finite or hit the protective break. The decision is reduced over ranks (any rank), then either the
   run stops cleanly (``on_divergence="stop"``: the step's gradients are dropped so no NaN reaches the weights, the
   trainer stops, and the reason is reported and kept in ``stop_reason``) or :class:`DEQDivergenceError` is raised
   on every rank (``"raise"``). A NaN loss is never trained on silently.
+- Under a loss scaler (``precision="16-mixed"``) a non-finite adjoint residual is the scaler's normal overflow: the
+  scaler skips that step and lowers its scale, so the monitor lets it, and trips only when more than
+  ``max_scaler_skips`` steps in a row fail that way (a persistent failure) or the loss itself is non-finite.
 """
 
 from __future__ import annotations
@@ -73,14 +78,19 @@ class DEQMonitor(Callback):
             solver's protective break count).
         on_divergence: ``"stop"`` (drop the step's gradients, stop the trainer, report the reason) or ``"raise"``.
         log_validation: also log validation solver statistics (epoch means).
+        max_scaler_skips: under an enabled loss scaler, consecutive steps with a diverged adjoint tolerated (the
+            scaler skips them) before the run counts as diverged.
 
     Attributes:
         stop_reason: the message of the divergence that stopped the run (None if none).
         warnings_issued: number of unconverged-share warnings so far.
+        scaler_skips: consecutive steps so far whose diverged adjoint was left to the loss scaler.
+        scaler_skips_total: all such steps of the run.
 
     Raises:
         ValueError: for a non-positive ``log_every_n_steps``, a negative ``histogram_every_n_epochs``,
-            ``unconverged_warn`` outside [0, 1], a non-positive ``explode_threshold`` or an unknown ``on_divergence``.
+            ``unconverged_warn`` outside [0, 1], a non-positive ``explode_threshold``, an unknown ``on_divergence``
+            or a negative ``max_scaler_skips``.
         DEQDivergenceError: during training with ``on_divergence="raise"`` when the run diverges.
 
     Example::
@@ -96,6 +106,7 @@ class DEQMonitor(Callback):
         explode_threshold: float | None = 1e6,
         on_divergence: str = "stop",
         log_validation: bool = True,
+        max_scaler_skips: int = 20,
     ) -> None:
         super().__init__()
         if not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
@@ -108,18 +119,23 @@ class DEQMonitor(Callback):
             raise ValueError(f"explode_threshold={explode_threshold} must be None or > 0")
         if on_divergence not in DIVERGENCE_ACTIONS:
             raise ValueError(f"on_divergence={on_divergence!r} must be one of {list(DIVERGENCE_ACTIONS)}")
+        if not (isinstance(max_scaler_skips, int) and max_scaler_skips >= 0):
+            raise ValueError(f"max_scaler_skips={max_scaler_skips} must be an integer >= 0")
         self.log_every_n_steps, self.histogram_every_n_epochs = log_every_n_steps, histogram_every_n_epochs
         self.unconverged_warn, self.explode_threshold = unconverged_warn, explode_threshold
         self.on_divergence, self.log_validation = on_divergence, log_validation
+        self.max_scaler_skips = max_scaler_skips
         self.stop_reason: str | None = None
         self.warnings_issued = 0
+        self.scaler_skips, self.scaler_skips_total = 0, 0
         self._pending: str | None = None
         self._reset_epoch()
         self._reset_val()
 
     # ----------------------------------------------------------------- accumulators
     def _reset_epoch(self) -> None:
-        self.batches, self.unconverged = 0, 0
+        self.batches, self.unconverged = 0, 0  # equilibrium-mode training batches / those with a sample above f_tol
+        self.bwd_batches, self.bwd_unconverged = 0, 0  # the same for the adjoint solve and b_tol
         self.worst_rel = 0.0
         self.hist: dict[str, torch.Tensor] = {}
 
@@ -146,6 +162,11 @@ class DEQMonitor(Callback):
             f"{tag}_converged": s["converged"],
         }
 
+    @staticmethod
+    def _loss_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
     # ----------------------------------------------------------------- divergence
     def _divergence(self, pl_module: pl.LightningModule, loss: torch.Tensor) -> str | None:
         if not bool(torch.isfinite(loss.detach()).all()):
@@ -168,7 +189,7 @@ class DEQMonitor(Callback):
             if stats is None:
                 continue
             worst = float(stats.abs.max())
-            if not math.isfinite(worst) or stats.diverged:
+            if stats.diverged:
                 return (f"backward (adjoint) residual of DEQ {name!r} is non-finite or exploded (worst abs residual "
                         f"{worst:.3g}): its implicit gradient is unusable")
         return None
@@ -194,8 +215,18 @@ class DEQMonitor(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # _pending agrees across ranks (set after a reduction), so every rank takes the same branch here
-        if self._pending is None and not self._trip(trainer, self._backward_divergence(pl_module)):
-            return
+        if self._pending is None:
+            reason = self._backward_divergence(pl_module)
+            if self._loss_scaler(trainer) is not None:
+                failed = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
+                self.scaler_skips = self.scaler_skips + 1 if failed else 0
+                self.scaler_skips_total += int(failed)
+                if self.scaler_skips <= self.max_scaler_skips:
+                    return  # the scaler skips a step with non-finite gradients and lowers its scale
+                reason = (f"{self.scaler_skips} steps in a row with a diverged adjoint under the loss scaler "
+                          f"(max_scaler_skips={self.max_scaler_skips}); last: {reason or 'on another rank'}")
+            if not self._trip(trainer, reason):
+                return
         optimizer.zero_grad(set_to_none=True)  # parameters without gradients are skipped: no NaN reaches the weights
         trainer.should_stop = True
         self.stop_reason, self._pending = self._pending, None
@@ -209,42 +240,55 @@ class DEQMonitor(Callback):
         deqs = [(n, d) for n, d in find_deqs(pl_module) if getattr(d, "last_stats", None) is not None]
         if not deqs:
             return
-        self.batches += 1
         metrics: dict[str, float] = {}
-        unconverged = False
+        solved = unconverged = bwd_seen = bwd_unconverged = False
         for name, deq in deqs:
             fwd, bwd = deq.last_stats.forward, deq.last_stats.backward
             prefix = self._prefix(name, len(deqs))
             metrics.update({prefix + k: v for k, v in self._scalars(fwd, "fwd").items()})
-            if deq.last_stats.mode == "equilibrium":
+            if deq.last_stats.mode == "equilibrium":  # warm-up (unrolled) batches have no solver to judge
+                solved = True
                 unconverged |= not bool(fwd.converged.all())
                 self.worst_rel = max(self.worst_rel, float(fwd.rel.max()))
                 self._add_hist("fwd_rel", _hist_rel(fwd.rel))
                 self._add_hist("fwd_steps", _hist_steps(fwd.nstep))
             if bwd is not None:
+                bwd_seen = True
+                bwd_unconverged |= not bool(bwd.converged.all())
                 metrics.update({prefix + k: v for k, v in self._scalars(bwd, "bwd").items()})
+                metrics[prefix + "bwd_fallback"] = float(((bwd.nstep == 1) & ~bwd.converged).float().mean())
                 self._add_hist("bwd_rel", _hist_rel(bwd.rel))
                 self._add_hist("bwd_steps", _hist_steps(bwd.nstep))
             metrics[prefix + "unrolled"] = float(deq.last_stats.mode == "unrolled")
+        self.batches += int(solved)
         self.unconverged += int(unconverged)
+        self.bwd_batches += int(bwd_seen)
+        self.bwd_unconverged += int(bwd_unconverged)
         if batch_idx % self.log_every_n_steps == 0:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        counts = torch.tensor([float(self.batches), float(self.unconverged)], device=pl_module.device)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        batches, unconverged = float(counts[0]), float(counts[1])
-        if batches > 0:
+        counts = [float(self.batches), float(self.unconverged), float(self.bwd_batches), float(self.bwd_unconverged)]
+        counts = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum").tolist()
+        for tag, batches, unconverged, advice in (
+            ("", counts[0], counts[1], "Raise f_max_iter, loosen f_tol, use Anderson/Broyden, or add Jacobian "
+             "regularisation."),
+            ("bwd_", counts[2], counts[3], "Raise b_max_iter, loosen b_tol, or stabilise the cell (weight norm, "
+             "Jacobian regularisation); unconverged adjoints give inexact gradients."),
+        ):
+            if batches == 0:
+                continue
             share = unconverged / batches
-            pl_module.log("deq/unconverged_share", share, on_step=False, on_epoch=True)
+            pl_module.log(f"deq/{tag}unconverged_share", share, on_step=False, on_epoch=True)
             if share > self.unconverged_warn:
                 self.warnings_issued += 1
+                which = "backward (adjoint)" if tag else "forward"
+                worst = "" if tag else f"; worst relative residual on rank 0 {self.worst_rel:.3g}"
                 rank_zero_warn(
-                    f"DEQMonitor: {share:.0%} of the training batches of epoch {trainer.current_epoch} ended with "
-                    f"samples above the forward tolerance (threshold {self.unconverged_warn:.0%}; worst relative "
-                    f"residual on rank 0 {self.worst_rel:.3g}). Raise f_max_iter, loosen f_tol, use Anderson/Broyden, "
-                    "or add Jacobian regularisation."
+                    f"DEQMonitor: {share:.0%} of the equilibrium training batches of epoch {trainer.current_epoch} "
+                    f"ended with samples above the {which} tolerance (threshold {self.unconverged_warn:.0%}{worst}). "
+                    + advice
                 )
         every = self.histogram_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0 and self.hist:
@@ -313,6 +357,10 @@ class DEQMonitor(Callback):
         return {
             "batches": self.batches,
             "unconverged": self.unconverged,
+            "bwd_batches": self.bwd_batches,
+            "bwd_unconverged": self.bwd_unconverged,
+            "scaler_skips": self.scaler_skips,
+            "scaler_skips_total": self.scaler_skips_total,
             "worst_rel": self.worst_rel,
             "hist": {k: v.clone() for k, v in self.hist.items()},
             "stop_reason": self.stop_reason,
@@ -322,6 +370,10 @@ class DEQMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches, self.unconverged = state_dict["batches"], state_dict["unconverged"]
+        self.bwd_batches = state_dict.get("bwd_batches", 0)  # absent in checkpoints of older versions
+        self.bwd_unconverged = state_dict.get("bwd_unconverged", 0)
+        self.scaler_skips = state_dict.get("scaler_skips", 0)
+        self.scaler_skips_total = state_dict.get("scaler_skips_total", 0)
         self.worst_rel = state_dict["worst_rel"]
         self.hist = {k: v.clone() for k, v in state_dict["hist"].items()}
         self.stop_reason, self.warnings_issued = state_dict["stop_reason"], state_dict["warnings_issued"]

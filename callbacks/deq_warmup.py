@@ -5,7 +5,8 @@ of the cell with plain backprop) for ``PRETRAIN_STEPS`` steps before switching t
 backward; the warm-up gives the cell a reasonable, more contractive starting point (MDEQ CIFAR TINY: 10 layers for
 3,000 steps). This callback flips the ``mode`` attribute of every DEQ layer of the model (the protocol of
 :func:`lightning_nd.implicit.find_deqs`) from ``"unrolled"`` to ``"equilibrium"`` when ``trainer.global_step`` reaches
-``warmup_steps``. The mode is derived from the global step, so every rank and a resumed run agree.
+``warmup_steps``. The mode is derived from the global step, so every rank and a resumed run agree; when fit ends
+(or fails) inside the warm-up, the layers are put back in equilibrium mode.
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ class DEQWarmup(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit":
             self._set(pl_module, "unrolled" if self._in_warmup(trainer) else "equilibrium")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a fit that ends (max_steps, early stop) inside the warm-up must not hand back an unrolled model
+        self._set(pl_module, "equilibrium")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._set(pl_module, "equilibrium")
 
     @override
     def state_dict(self) -> dict[str, Any]:

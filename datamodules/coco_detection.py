@@ -1,9 +1,12 @@
 """COCO-format detection folders (COCO 2017 itself, or any dataset exported in its JSON format).
 
 Annotations are read with pycocotools and turned into torchvision's detection targets: ``dict(boxes=float32
-(N, 4) xyxy, labels=int64 (N,), image_id=int64)``. COCO boxes are ``[x, y, w, h]`` in pixel-edge coordinates, so
-``xyxy = [x, y, x + w, y + h]``. Crowd annotations (``iscrowd=1``) and boxes without area are dropped (they are
-not objects to detect; pycocotools' evaluation ignores crowd regions anyway). Category ids, sparse in COCO
+(N, 4) xyxy, labels=int64 (N,), iscrowd=int64 (N,), area=float32 (N,), image_id=int64)``. COCO boxes are
+``[x, y, w, h]`` in pixel-edge coordinates, so ``xyxy = [x, y, x + w, y + h]``; ``area`` is the annotation's own
+(segment) area, which COCOeval's small/medium/large ranges use. Crowd annotations (``iscrowd=1``) are dropped from
+training targets (they are not objects to learn; torchvision's reference does the same) and kept in evaluation
+targets, where COCOeval, and torchmetrics given ``iscrowd``, let detections on crowd regions match them without
+counting as false positives; dropping them would bias mAP low. Boxes without area are dropped. Category ids, sparse in COCO
 (1..90), are mapped to contiguous labels ``1..K`` in sorted id order unless ``contiguous_labels=False``, in which
 case the raw ids are the labels and ``num_classes = max id + 1`` (torchvision's convention for COCO: 91).
 Images are float ``(3, H, W)`` in ``[0, 1]``; the detector resizes and normalises them.
@@ -32,7 +35,8 @@ class CocoDetectionDataset(Dataset):
             ``category_ids[i]``); ``None`` uses the file's sorted ids, or raw ids with ``contiguous=False``.
         contiguous: map category ids to ``1..K`` (``True``) or keep the raw ids as labels.
         hflip: flip images and boxes horizontally with probability 0.5 (training augmentation).
-        remove_empty: drop images without any usable annotation.
+        remove_empty: drop images without any non-crowd annotation.
+        keep_crowd: keep crowd annotations (with ``iscrowd=1``) in the targets: for evaluation, not training.
 
     Raises:
         FileNotFoundError: when the folder or the annotation file is missing.
@@ -40,7 +44,7 @@ class CocoDetectionDataset(Dataset):
     Example::
 
         ds = CocoDetectionDataset("coco/val2017", "coco/annotations/instances_val2017.json")
-        image, target = ds[0]   # target: boxes (N, 4) xyxy, labels (N,) in 1..80, image_id
+        image, target = ds[0]   # target: boxes (N, 4) xyxy, labels (N,) in 1..80, iscrowd, area, image_id
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class CocoDetectionDataset(Dataset):
         contiguous: bool = True,
         hflip: bool = False,
         remove_empty: bool = False,
+        keep_crowd: bool = False,
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -62,11 +67,11 @@ class CocoDetectionDataset(Dataset):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(annotation_file))
         self.category_ids = sorted(self.coco.getCatIds()) if category_ids is None else list(category_ids)
-        self.contiguous, self.hflip = contiguous, hflip
+        self.contiguous, self.hflip, self.keep_crowd = contiguous, hflip, keep_crowd
         self.label_of = {c: (i + 1 if contiguous else c) for i, c in enumerate(self.category_ids)}
         self.ids = sorted(self.coco.getImgIds())
         if remove_empty:
-            self.ids = [i for i in self.ids if len(self.target(i)["boxes"])]
+            self.ids = [i for i in self.ids if bool((self.target(i)["iscrowd"] == 0).any())]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,16 +79,21 @@ class CocoDetectionDataset(Dataset):
     def target(self, image_id: int) -> dict[str, torch.Tensor]:
         """The torchvision target of one image id (no augmentation)."""
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
-        boxes, labels = [], []
+        boxes, labels, crowd, area = [], [], [], []
         for ann in anns:
             x, y, w, h = ann["bbox"]
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0 or ann["category_id"] not in self.label_of:
+            is_crowd = int(ann.get("iscrowd", 0))
+            if (is_crowd and not self.keep_crowd) or w <= 0 or h <= 0 or ann["category_id"] not in self.label_of:
                 continue
             boxes.append([x, y, x + w, y + h])
             labels.append(self.label_of[ann["category_id"]])
+            crowd.append(is_crowd)
+            area.append(float(ann.get("area", w * h)))
         return {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
+            "iscrowd": torch.tensor(crowd, dtype=torch.int64),
+            "area": torch.tensor(area, dtype=torch.float32),
             "image_id": torch.tensor(image_id, dtype=torch.int64),
         }
 
@@ -189,6 +199,7 @@ class CocoDetectionDataModule(SplitDataModule):
             contiguous=self.contiguous,
             hflip=train and self.hflip,
             remove_empty=train and self.remove_empty,
+            keep_crowd=not train,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -15,6 +15,15 @@ Backward, three choices (``backward=``):
 - ``mode="unrolled"``: n weight-tied applications from z0 with plain backprop (the locuslab warm-up stage; memory
   grows with n). ``DEQWarmup`` switches ``deq.mode`` between ``"unrolled"`` and ``"equilibrium"``.
 
+The adjoint solve starts from ``g = dl/dz`` (not from zero), so when it makes no progress (a non-contractive cell, an
+untrained MDEQ) a sample gets the 1-step, Jacobian-free gradient ``dl/dz`` (what torchdeq falls back to) instead of
+an exactly-zero one; such samples are counted in :attr:`DEQ.backward_fallbacks` and reported with a warning.
+Under autocast (``bf16-mixed``/``16-mixed``) the solver's cell evaluations and the adjoint vector-Jacobian products run
+in float32 (``solve_fp32=True``), so tolerances below bf16's resolution (~3e-3 relative) are reachable; the one
+recorded application that feeds the rest of the network still runs under autocast. When nothing upstream of the
+layer requires a gradient (frozen cell, input without grad) the layer returns that application without any backward
+machinery, so no adjoint solve runs.
+
 Statistics of the last call are in :attr:`DEQ.last_stats` (:class:`DEQStats`): forward solver statistics at once,
 backward solver statistics after ``loss.backward()``. With ``jac_reg=True`` a training forward also leaves the
 Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` in :attr:`DEQ.jac_loss` for the task to add to its loss.
@@ -73,7 +82,8 @@ class DEQConfig:
     unroll_layers: int = 5  # applications of the cell in mode="unrolled"
     jac_reg: bool = False  # compute the Jacobian-regularisation loss in training forwards
     jac_vecs: int = 1  # Hutchinson probe vectors
-    warn_diverged: bool = True  # warn when a forward solve hits the protective break (NaN / exploding residual)
+    warn_diverged: bool = True  # warn on a diverged forward solve and on adjoint solves that fall back to dl/dz
+    solve_fp32: bool = True  # under autocast, solve and take adjoint products in float32 (bf16 floors at ~3e-3 rel)
 
     def __post_init__(self) -> None:
         check_solver_args(self.f_solver, self.f_tol, self.f_max_iter, self.f_stop_mode, self.f_solver_kwargs)
@@ -92,6 +102,9 @@ class DEQConfig:
             raise ValueError(f"unroll_layers={self.unroll_layers} must be an integer >= 1")
         if not (isinstance(self.jac_vecs, int) and self.jac_vecs >= 1):
             raise ValueError(f"jac_vecs={self.jac_vecs} must be an integer >= 1")
+        for name in ("jac_reg", "warn_diverged", "solve_fp32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
 
     @classmethod
     def build(cls, config: DEQConfig | dict[str, Any] | None = None, **options: Any) -> DEQConfig:
@@ -135,17 +148,51 @@ class DEQStats:
     jac_loss: float | None = None
 
 
+def _to_float32(x: Any) -> Any:
+    """``x`` with every floating tensor (inside tuples, lists and dicts too) cast to float32; float64 is kept."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float64 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_float32(v) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _to_float32(v)) for k, v in x.items())
+    return x
+
+
+def _any_requires_grad(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.requires_grad
+    if isinstance(x, (tuple, list)):
+        return any(_any_requires_grad(v) for v in x)
+    if isinstance(x, dict):
+        return any(_any_requires_grad(v) for v in x.values())
+    return False
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        return False
+
+
 class _ImplicitBackward(torch.autograd.Function):
-    """Identity on ``fz = f(z*)`` whose backward solves ``g = g J + grad`` with VJPs through the saved application."""
+    """Identity on ``fz = f(z*)`` whose backward solves ``g = g J + grad`` with VJPs through the saved application.
+
+    ``f32`` (set when the forward ran under autocast with ``solve_fp32``) re-evaluates the cell once in float32 with
+    autocast off, and the adjoint VJPs go through that evaluation instead of the low-precision recorded one.
+    """
 
     @staticmethod
-    def forward(ctx: Any, fz: torch.Tensor, z: torch.Tensor, cfg: DEQConfig, record: DEQStats) -> torch.Tensor:
+    def forward(
+        ctx: Any, fz: torch.Tensor, z: torch.Tensor, layer: DEQ, record: DEQStats, f32: Any
+    ) -> torch.Tensor:
         ctx.save_for_backward(fz, z)
-        ctx.cfg, ctx.record = cfg, record
+        ctx.layer, ctx.cfg, ctx.record, ctx.f32 = layer, layer.config, record, f32
         return fz.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         if torch.is_grad_enabled():  # grad mode is on in a backward only with create_graph=True
             # (torch's @once_differentiable is not enough: autograd.grad(..., inputs=x) prunes its error node and
             # silently returns a partial second-order gradient)
@@ -157,22 +204,29 @@ class _ImplicitBackward(torch.autograd.Function):
         cfg: DEQConfig = ctx.cfg
         dtype = solver_dtype(grad.dtype)
         g_out = grad.to(dtype)
+        if ctx.f32 is not None:
+            with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
+                z = z.detach().requires_grad_()
+                fz = ctx.f32(z)
 
         def adjoint(g: torch.Tensor) -> torch.Tensor:
             (vjp,) = torch.autograd.grad(fz, z, g.to(fz.dtype), retain_graph=True)
             return vjp.to(dtype) + g_out
 
         with torch.autocast(grad.device.type, enabled=False):
+            # start at dl/dz (the first fixed-point iterate from 0): a solve that never improves returns the
+            # 1-step gradient, as torchdeq does, instead of the zero start
             g, stats = get_solver(cfg.b_solver)(
                 adjoint,
-                torch.zeros_like(g_out),
+                g_out.clone(),
                 tol=cfg.b_tol,
                 max_iter=cfg.b_max_iter,
                 stop_mode=cfg.b_stop_mode,
                 **cfg.b_solver_kwargs,
             )
         ctx.record.backward = stats
-        return g.to(grad.dtype), None, None, None
+        ctx.layer._note_backward(stats)
+        return g.to(grad.dtype), None, None, None, None
 
 
 def _residual_stats(prev: torch.Tensor, last: torch.Tensor, n: int, cfg: DEQConfig) -> SolverStats:
@@ -209,13 +263,20 @@ class DEQ(nn.Module):
         config: the validated :class:`DEQConfig`.
         mode: ``"equilibrium"`` or ``"unrolled"`` (mutable; set by ``DEQWarmup``).
         jac_reg: compute :attr:`jac_loss` in training forwards (mutable; set by a Jacobian schedule).
+        f_max_iter_delta: added to ``f_max_iter`` in training forwards, floored at 1 (mutable; the forward-cap
+            jitter of a Jacobian schedule, ``JacobianSchedule.cap_delta``).
+        jac_probe_seed: seed of the Hutchinson probes of the next :attr:`jac_loss` (None: the global RNG); set per
+            step by a schedule so resumed runs draw the same probes.
         last_stats: :class:`DEQStats` of the last call (None before the first); ``last_stats.backward`` is filled in
             by the backward pass.
         jac_loss: the differentiable Jacobian-regularisation loss of the last training forward, or None.
+        backward_solves, backward_unconverged: adjoint solves run so far / those with a sample above ``b_tol``.
+        backward_fallbacks: samples whose adjoint solve never improved on its start and got the 1-step gradient.
 
     Raises:
         ValueError: for unknown option names (listing the allowed ones) or invalid values (unknown solver,
             ``tol <= 0``, ``max_iter < 1``, unknown stop mode, backward or mode).
+        RuntimeError: in a multi-process training forward (equilibrium mode) if the cell holds ``SyncBatchNorm``.
 
     Example::
 
@@ -234,8 +295,30 @@ class DEQ(nn.Module):
         self.config = DEQConfig.build(config, **options)
         self.mode = self.config.mode
         self.jac_reg = self.config.jac_reg
+        self.f_max_iter_delta = 0
+        self.jac_probe_seed: int | None = None
         self.last_stats: DEQStats | None = None
         self.jac_loss: torch.Tensor | None = None
+        self.backward_solves = 0
+        self.backward_unconverged = 0
+        self.backward_fallbacks = 0
+
+    def _note_backward(self, stats: SolverStats) -> None:
+        """Count an adjoint solve; warn when some samples got the dl/dz fallback or the solve diverged."""
+        unconverged = ~stats.converged
+        fallback, missed = torch.stack([(unconverged & (stats.nstep == 1)).sum(), unconverged.sum()]).tolist()
+        self.backward_solves += 1
+        self.backward_unconverged += int(missed > 0)
+        self.backward_fallbacks += fallback
+        if self.config.warn_diverged and (fallback or stats.diverged):
+            warnings.warn(
+                "DEQ adjoint (backward) solve made no progress or diverged: samples whose solve never improved on "
+                "its start get the 1-step gradient dl/dz instead of the implicit one (counted in "
+                "DEQ.backward_fallbacks; DEQMonitor logs bwd_fallback). The cell is not contractive at z*: use "
+                "weight norm, Jacobian regularisation, warm-up, or backward='phantom'.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         c = self.config
@@ -247,6 +330,8 @@ class DEQ(nn.Module):
     def _max_iter(self) -> int:
         if not self.training and self.config.eval_f_max_iter is not None:
             return self.config.eval_f_max_iter
+        if self.training:
+            return max(1, self.config.f_max_iter + self.f_max_iter_delta)
         return self.config.f_max_iter
 
     def forward(self, x: Any, z0: State | None = None) -> State:
@@ -259,10 +344,43 @@ class DEQ(nn.Module):
             reset_dropout(self.cell)  # one variational-dropout mask per forward, shared by all iterations
         if self.mode == "unrolled":
             return self._unrolled(x, z0)
+        self._check_sync_batchnorm()
         return self._equilibrium(x, z0)
+
+    def _check_sync_batchnorm(self) -> None:
+        """SyncBatchNorm all-reduces on every cell call; ranks solve for different step counts, so it would hang."""
+        if not (self.training and isinstance(self.cell, nn.Module) and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return
+        bad = [n for n, m in self.cell.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+        if bad:
+            raise RuntimeError(
+                f"DEQ cell has SyncBatchNorm layer(s) {bad} (Trainer(sync_batchnorm=True) converts BatchNorm): in "
+                "equilibrium mode each rank stops its solver after a different number of steps, and SyncBatchNorm "
+                "all-reduces on every cell call, so the ranks would deadlock. Use GroupNorm/LayerNorm inside the "
+                "cell (as MDEQ does) or turn sync_batchnorm off; BatchNorm outside the DEQ is fine."
+            )
 
     def _f(self, x: Any) -> Any:
         return lambda z: self.cell(z, x)
+
+    def _f32(self, x: Any, device_type: str) -> Any:
+        """The cell in float32 with autocast off (input and state cast), for solves under autocast."""
+        x32 = _to_float32(x)
+
+        def f(z: State) -> State:
+            with torch.autocast(device_type, enabled=False):
+                return self.cell(_to_float32(z), x32)
+
+        return f
+
+    def _needs_grad(self, x: Any) -> bool:
+        """Whether anything upstream of the layer can receive a gradient (a plain callable cell: assume so)."""
+        if not torch.is_grad_enabled():
+            return False
+        if not isinstance(self.cell, nn.Module):
+            return True
+        return _any_requires_grad(x) or any(p.requires_grad for p in self.cell.parameters())
 
     def _unrolled(self, x: Any, z0: State) -> State:
         cfg, f = self.config, self._f(x)
@@ -285,15 +403,20 @@ class DEQ(nn.Module):
         return self.jac_reg and self.training and torch.is_grad_enabled()
 
     def _set_jac(self, fz: torch.Tensor, z: torch.Tensor) -> None:
-        self.jac_loss = jacobian_loss(fz, z, self.config.jac_vecs)
+        gen = None
+        if self.jac_probe_seed is not None:
+            gen = torch.Generator(device=fz.device).manual_seed(self.jac_probe_seed)
+        self.jac_loss = jacobian_loss(fz, z, self.config.jac_vecs, generator=gen)
 
     def _equilibrium(self, x: Any, z0: State) -> State:
         cfg, f = self.config, self._f(x)
+        device_type = flatten(z0).device.type
+        f32 = self._f32(x, device_type) if cfg.solve_fp32 and _autocast_on(device_type) else None
         with torch.no_grad(), parametrize.cached():
             z_star, fstats = solve(
                 cfg.f_solver,
-                f,
-                z0,
+                f if f32 is None else f32,
+                z0 if f32 is None else _to_float32(z0),
                 tol=cfg.f_tol,
                 max_iter=self._max_iter(),
                 stop_mode=cfg.f_stop_mode,
@@ -310,7 +433,7 @@ class DEQ(nn.Module):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if not torch.is_grad_enabled():
+        if not self._needs_grad(x):  # inference, or a frozen layer: one application, no backward machinery
             with parametrize.cached():
                 return f(z_star)
         spec = spec_of(z_star)
@@ -322,7 +445,8 @@ class DEQ(nn.Module):
                 fz_spec, fz_vec = spec_of(fz), flatten(fz)
                 if self._want_jac():
                     self._set_jac(fz_vec, z_vec)
-                out = unflatten(_ImplicitBackward.apply(fz_vec, z_vec, cfg, record), fz_spec)
+                flat_f32 = None if f32 is None else (lambda v: flatten(f32(unflatten(v, spec)), torch.float32))
+                out = unflatten(_ImplicitBackward.apply(fz_vec, z_vec, self, record, flat_f32), fz_spec)
             else:
                 z, tau = z_vec, cfg.phantom_tau
                 for k in range(cfg.phantom_steps):

@@ -10,7 +10,11 @@ one point per location of size ``stride`` for FCOS), so the same code serves 96-
 Training logs the detector's losses (``train/loss`` and one entry per loss term); validation and test compute
 COCO mAP with torchmetrics' ``MeanAveragePrecision`` (pycocotools backend) and log ``{val,test}/map``,
 ``/map_50``, ``/map_75`` and ``/mar_100``; ``predict_step`` returns torchvision's list of
-``dict(boxes, scores, labels)``.
+``dict(boxes, scores, labels)``. Targets may carry COCO's ``iscrowd`` (and ``area``): crowd boxes are dropped from
+the training targets (torchvision's reference does the same) and passed to the metric, which, like ``COCOeval``,
+ignores detections on crowd regions instead of counting them as false positives. The metric (:func:`coco_map`)
+also keeps each target's ``image_id`` and evaluates every image once, so the padding a ``DistributedSampler`` adds
+under DDP (it repeats images to even out the ranks) does not count them twice.
 """
 
 from __future__ import annotations
@@ -200,14 +204,66 @@ def head_groups(channels: int) -> int:
     return next(g for g in (16, 8, 4, 2, 1) if channels % g == 0 and (channels // g >= 2 or g == 1))
 
 
-def coco_map() -> MeanAveragePrecision:
-    """torchmetrics' COCO mAP with pycocotools' exact float64 IoU and recall thresholds.
+class CocoMeanAveragePrecision(MeanAveragePrecision):
+    """``MeanAveragePrecision`` that evaluates each ``image_id`` once (the first time it was seen, over all ranks).
+
+    A ``DistributedSampler`` pads the evaluation set so every rank gets as many images; the padded images would
+    otherwise enter COCO's matching twice (twice the ground truth and twice the detections). Targets without an
+    ``image_id`` are always kept.
+
+    Raises:
+        ValueError: as ``MeanAveragePrecision.update`` for malformed inputs.
+
+    Example::
+
+        metric = coco_map()
+        metric.update(preds, [{"boxes": b, "labels": l, "iscrowd": c, "image_id": torch.tensor(7)}])
+        metric.compute()["map"]
+    """
+
+    _PER_IMAGE = ("detection_box", "detection_mask", "detection_scores", "detection_labels", "groundtruth_box",
+                  "groundtruth_mask", "groundtruth_labels", "groundtruth_crowds", "groundtruth_area")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("image_ids", default=[], dist_reduce_fx=None)
+
+    @override
+    def update(self, preds: list[dict[str, torch.Tensor]], target: list[dict[str, torch.Tensor]]) -> None:
+        super().update(preds, target)
+        for t in target:
+            image_id = t.get("image_id", torch.tensor(-1))
+            self.image_ids.append(image_id.reshape(1).to(device=t["labels"].device, dtype=torch.int64))
+
+    @override
+    def compute(self) -> dict:
+        seen: set[int] = set()
+        keep = []
+        for i, image_id in enumerate(torch.cat(self.image_ids).tolist() if self.image_ids else []):
+            if image_id < 0 or image_id not in seen:
+                keep.append(i)
+                seen.add(image_id)
+        if len(keep) == len(self.image_ids):
+            return super().compute()
+        saved = {name: getattr(self, name) for name in self._PER_IMAGE}
+        try:
+            for name, states in saved.items():
+                if len(states) == len(self.image_ids):
+                    setattr(self, name, [states[i] for i in keep])
+            return super().compute()
+        finally:
+            for name, states in saved.items():
+                setattr(self, name, states)
+
+
+def coco_map() -> CocoMeanAveragePrecision:
+    """torchmetrics' COCO mAP with pycocotools' exact float64 IoU and recall thresholds, one entry per image id.
 
     torchmetrics' defaults come from ``torch.linspace`` in float32 (0.55 becomes 0.550000011920929), which flips
     matches whose IoU sits exactly on a threshold (common with integer boxes) and makes the result differ from
     ``COCOeval``'s own.
     """
-    return MeanAveragePrecision(
+    return CocoMeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",
         backend="pycocotools",
@@ -327,9 +383,22 @@ class DetectionModule(pl.LightningModule):
                     f"(num_classes={self.num_classes} includes the background 0)"
                 )
 
+    @staticmethod
+    def _without_crowds(targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Crowd regions are not objects to learn (torchvision's reference drops them for training)."""
+        out = []
+        for t in targets:
+            crowd = t.get("iscrowd")
+            if crowd is not None and bool(crowd.any()):
+                keep = crowd == 0
+                t = {k: (v[keep] if k in ("boxes", "labels", "iscrowd", "area") else v) for k, v in t.items()}
+            out.append(t)
+        return out
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        targets = self._without_crowds(list(targets))
         self._check_labels(targets)
         losses = self.net(list(images), list(targets))
         loss = sum(losses.values())
@@ -344,7 +413,7 @@ class DetectionModule(pl.LightningModule):
         preds = self.net(list(images))
         metric.update(
             [{k: p[k].detach() for k in ("boxes", "scores", "labels")} for p in preds],
-            [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets],
+            [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id") if k in t} for t in targets],
         )
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:

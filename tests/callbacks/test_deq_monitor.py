@@ -2,10 +2,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_nd.callbacks import DEQDivergenceError, DEQMonitor
 from lightning_nd.modules import DEQClassifier
 from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+
+
+def _fp16_amp():
+    """fp16 AMP with a GradScaler. ``precision="16-mixed"`` becomes bf16 on CPU in Lightning, so build the plugin."""
+    return MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
 
 
 def _trainer(callbacks, **kw):
@@ -29,7 +35,8 @@ def test_logs_statistics_and_histograms(tmp_path):
     trainer.fit(_model(), train, val)
     keys = set(trainer.logged_metrics)
     for key in ("deq/fwd_steps", "deq/fwd_rel_max", "deq/fwd_abs_mean", "deq/fwd_converged", "deq/bwd_steps",
-                "deq/bwd_rel_max", "deq/unconverged_share", "deq/val_fwd_rel_mean", "deq/val_fwd_steps"):
+                "deq/bwd_rel_max", "deq/bwd_fallback", "deq/unconverged_share", "deq/bwd_unconverged_share",
+                "deq/val_fwd_rel_mean", "deq/val_fwd_steps"):
         assert key in keys, key
     assert 1 <= float(trainer.logged_metrics["deq/fwd_steps"]) <= 30
     pngs = list((tmp_path / "run").rglob("media/deq_histograms_*.png"))
@@ -40,9 +47,19 @@ def test_logs_statistics_and_histograms(tmp_path):
 def test_warns_when_too_many_batches_unconverged():
     monitor = DEQMonitor(unconverged_warn=0.5, histogram_every_n_epochs=0)
     train, _ = tiny_loaders()
-    with pytest.warns(UserWarning, match=r"100% of the training batches of epoch 0 ended with samples above"):
+    with pytest.warns(UserWarning, match=r"100% of the equilibrium training batches of epoch 0 ended with samples above the forward"):
         _trainer([monitor]).fit(_model(f_max_iter=1, f_tol=1e-9), train)
     assert monitor.warnings_issued == 1
+
+
+def test_warns_when_too_many_adjoint_solves_unconverged():
+    monitor = DEQMonitor(unconverged_warn=0.5, histogram_every_n_epochs=0)
+    train, _ = tiny_loaders()
+    trainer = _trainer([monitor])
+    with pytest.warns(UserWarning, match=r"100% of the equilibrium .* above the backward \(adjoint\) tolerance"):
+        trainer.fit(_model(b_max_iter=2, b_tol=1e-12), train)
+    assert monitor.warnings_issued == 1 and float(trainer.logged_metrics["deq/bwd_unconverged_share"]) == 1.0
+    assert float(trainer.logged_metrics["deq/unconverged_share"]) == 0.0  # the forward solves converged
 
 
 class _NaNAt(DEQClassifier):
@@ -117,3 +134,54 @@ def test_exploding_backward_residual_stops_before_the_weights_change():
     assert trainer.global_step == 1 and "backward (adjoint)" in monitor.stop_reason
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+class _OverflowAt(DEQClassifier):
+    """Injects an infinite gradient into the DEQ output on the training batches in ``at`` (a loss-scale overflow)."""
+
+    def __init__(self, at):
+        super().__init__(TinyDEQNet(f_tol=1e-4, b_tol=1e-5), num_classes=3)
+        self.at, self.weights_seen = set(at), []
+        self.net.deq.register_forward_hook(self._inject)
+
+    def _inject(self, module, args, out):
+        if self.training and out.requires_grad and self.trainer.global_step in self.at:
+            out.register_hook(lambda g: g * float("inf"))
+
+    def training_step(self, batch, batch_idx):
+        self.weights_seen.append(self.net.stem.weight.detach().clone())
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_loss_scaler_overflow_is_left_to_the_scaler(scaled):
+    """fp16 AMP: a non-finite adjoint on one step is the scaler's normal overflow; without a scaler it is a divergence."""
+    import warnings
+
+    monitor = DEQMonitor(histogram_every_n_epochs=0)
+    model = _OverflowAt(at={1})
+    train, _ = tiny_loaders()
+    trainer = _trainer([monitor], max_epochs=1, plugins=[_fp16_amp()] if scaled else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the DEQ's own adjoint warning
+        trainer.fit(model, train)
+    if not scaled:
+        assert trainer.global_step == 2 and "backward (adjoint)" in monitor.stop_reason
+        return
+    scaler = trainer.precision_plugin.scaler
+    assert monitor.stop_reason is None and trainer.global_step == 4  # the run trains on
+    assert (monitor.scaler_skips_total, monitor.scaler_skips) == (1, 0)
+    assert scaler.get_scale() == 2.0**15  # the scaler skipped the step and halved its scale once
+    assert torch.equal(model.weights_seen[1], model.weights_seen[2])  # the overflow step changed nothing
+    assert not torch.equal(model.weights_seen[2], model.weights_seen[3])
+
+
+def test_persistent_overflow_under_a_loss_scaler_stops_the_run():
+    monitor = DEQMonitor(histogram_every_n_epochs=0, max_scaler_skips=2)
+    train, _ = tiny_loaders()
+    trainer = _trainer([monitor], max_epochs=1, plugins=[_fp16_amp()])
+    with pytest.warns(UserWarning, match=r"3 steps in a row with a diverged adjoint under the loss scaler"):
+        trainer.fit(_OverflowAt(at={0, 1, 2, 3}), train)
+    assert trainer.global_step == 3 and monitor.scaler_skips == 3
+    with pytest.raises(ValueError, match="max_scaler_skips=-1"):
+        DEQMonitor(max_scaler_skips=-1)

@@ -79,3 +79,21 @@ def test_resumed_run_continues_exactly(tmp_path):
         assert torch.equal(p, q), name
     assert warm_a.switched_at == warm_b.switched_at == 6
     assert mon_a.state_dict()["warnings_issued"] == mon_b.state_dict()["warnings_issued"]
+
+
+def test_fit_ending_inside_the_warmup_leaves_the_model_in_equilibrium_mode():
+    warm = DEQWarmup(warmup_steps=10, unroll_layers=2)
+    model = _model()
+    train, _ = tiny_loaders()
+    _trainer([warm], max_steps=3).fit(model, train)
+    assert model.net.deq.mode == "equilibrium"  # max_steps hit during the warm-up: not handed back unrolled
+    assert warm.switched_at is None
+
+
+def test_unrolled_warmup_batches_do_not_dilute_the_unconverged_share():
+    monitor = DEQMonitor(unconverged_warn=1.0, histogram_every_n_epochs=0)
+    model = DEQClassifier(TinyDEQNet(f_tol=1e-9, f_max_iter=2), num_classes=3)  # every solve ends unconverged
+    train, _ = tiny_loaders()  # 4 batches: 2 unrolled, 2 solved
+    trainer = _trainer([DEQWarmup(warmup_steps=2, unroll_layers=2), monitor], max_epochs=1)
+    trainer.fit(model, train)
+    assert float(trainer.logged_metrics["deq/unconverged_share"]) == 1.0  # 2 of 2 solved batches, not 2 of 4

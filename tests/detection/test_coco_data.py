@@ -1,12 +1,19 @@
 """CocoDetectionDataModule on a tiny COCO-format folder written from shapes images."""
 
+import contextlib
+import io
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou
 
 from lightning_nd.datamodules import CocoDetectionDataModule, ShapesDetectionDataModule
+from lightning_nd.modules import DetectionModule
 
 CATEGORY_IDS = {1: 3, 2: 7, 3: 11}  # shapes label -> sparse COCO category id
 
@@ -92,3 +99,64 @@ def test_coco_missing_files(tmp_path):
         dm.setup("fit")
     with pytest.raises(ValueError, match="batch_size"):
         CocoDetectionDataModule(batch_size=0)
+
+
+def _cocoeval_map(annotation_file, detections):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_file))
+        ev = COCOeval(gt, gt.loadRes(detections), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[0]
+
+
+class _Replay(torch.nn.Module):
+    """Replays fixed detections for the (unshuffled) evaluation images, in order."""
+
+    def __init__(self, detections):
+        super().__init__()
+        self.detections, self.i = detections, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, targets=None):
+        out = self.detections[self.i: self.i + len(images)]
+        self.i += len(images)
+        return out
+
+
+def test_map_with_crowd_regions_equals_cocoeval(coco_root):
+    """A confident detection on a crowd region is ignored by COCOeval; dropping crowds made it a false positive."""
+    root, _ = coco_root
+    dm = CocoDetectionDataModule(str(root), batch_size=2, hflip=False)
+    dm.setup("validate")
+    val = dm.val_dataset
+    crowd_target = val.target(100)
+    assert crowd_target["iscrowd"].tolist().count(1) == 1  # evaluation targets keep the crowd region
+    real = crowd_target["boxes"][crowd_target["iscrowd"] == 0]
+    crowd_box = crowd_target["boxes"][crowd_target["iscrowd"] == 1][0]
+    assert float(box_iou(crowd_box[None], real).max()) < 0.5  # the crowd detection cannot match a real object
+
+    label_to_cat = dict(zip((1, 2, 3), sorted(CATEGORY_IDS.values())))
+    for shift in (0.0, 2.0):
+        preds, coco_dets = [], []
+        for image_id in val.ids:
+            t = val.target(image_id)
+            keep = t["iscrowd"] == 0
+            boxes, labels = t["boxes"][keep] + shift, t["labels"][keep]
+            scores = torch.linspace(0.9, 0.5, len(boxes))
+            if image_id == 100:  # the most confident detection of the set covers the crowd region
+                boxes = torch.cat([crowd_box[None], boxes])
+                labels = torch.cat([t["labels"][~keep], labels])
+                scores = torch.cat([torch.ones(1), scores])
+            preds.append({"boxes": boxes, "scores": scores, "labels": labels})
+            for (x0, y0, x1, y1), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+                coco_dets.append({"image_id": image_id, "category_id": label_to_cat[label], "score": score,
+                                  "bbox": [x0, y0, x1 - x0, y1 - y0]})
+        expected = _cocoeval_map(dm.annotation_file("val"), coco_dets)
+        model = DetectionModule(_Replay(preds), num_classes=dm.num_classes)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        got = trainer.validate(model, dm, verbose=False)[0]["val/map"]
+        assert got == pytest.approx(expected, abs=1e-6), shift
+        if shift == 0.0:
+            assert expected == pytest.approx(1.0)

@@ -198,3 +198,38 @@ def test_timm_features_backbone_with_ifpn():
     assert all(torch.isfinite(v) for v in losses.values()) and fpn.last_stats.backward is not None
     with pytest.raises(ValueError, match="not in timm's registry"):
         DetectionModule(backbone="timm:no_such_net")
+
+
+def test_map_counts_each_image_id_once_like_an_unpadded_evaluation():
+    """DistributedSampler padding repeats images; the metric must evaluate each image id once."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from lightning_nd.modules.detection import coco_map
+
+    def item(image_id, gt, det):
+        target = {"boxes": torch.tensor([gt]), "labels": torch.tensor([1]), "image_id": torch.tensor(image_id)}
+        pred = {"boxes": torch.tensor([det]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+        return pred, target
+
+    a = item(0, [0.0, 0, 10, 10], [0.0, 0, 10, 13])  # IoU 0.77: a true positive only at low IoU thresholds
+    b = item(1, [20.0, 20, 30, 30], [20.0, 20, 30, 30])
+    reference, padded, naive = coco_map(), coco_map(), MeanAveragePrecision(box_format="xyxy", backend="pycocotools")
+    reference.update([a[0], b[0]], [a[1], b[1]])
+    for metric in (padded, naive):
+        metric.update([a[0], b[0]], [a[1], b[1]])
+        metric.update([a[0]], [a[1]])  # the padding sample of a 2-rank run over 3 "slots"
+    expected = float(reference.compute()["map"])
+    assert float(padded.compute()["map"]) == pytest.approx(expected, abs=1e-9)
+    assert float(padded.compute()["map"]) == pytest.approx(expected, abs=1e-9)  # compute leaves the states intact
+    assert abs(float(naive.compute()["map"]) - expected) > 1e-3  # the duplicate does move plain mAP
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_training_ignores_crowd_boxes():
+    torch.manual_seed(0)
+    model = DetectionModule("retinanet", num_classes=4, **TINY)
+    image, target = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")[0]
+    crowd = {**target, "boxes": torch.cat([target["boxes"], torch.tensor([[0.0, 0, 30, 30]])]),
+             "labels": torch.cat([target["labels"], torch.tensor([1])]),
+             "iscrowd": torch.tensor([0] * len(target["labels"]) + [1])}
+    torch.testing.assert_close(model.training_step(([image], [crowd]), 0), model.training_step(([image], [target]), 0))

@@ -42,3 +42,31 @@ def test_two_process_ddp_matches_single_process():
         torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=name)
         moved |= not torch.allclose(p, p0)
     assert moved  # the steps changed the weights, so the comparison is about gradients
+
+
+def test_sync_batchnorm_inside_the_cell_fails_clearly_instead_of_deadlocking(monkeypatch):
+    """Ranks stop the solver after different step counts; SyncBatchNorm all-reduces per cell call -> a hang.
+
+    (Real SyncBatchNorm needs GPUs; the check only reads the process-group size, faked here.)
+    """
+    from torch import nn
+
+    from lightning_nd.implicit import DEQ
+
+    class BNCell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+
+        def forward(self, z, x):
+            return torch.tanh(self.bn(self.conv(z)) + x)
+
+    deq = DEQ(nn.SyncBatchNorm.convert_sync_batchnorm(BNCell()), f_max_iter=5)
+    x = torch.randn(2, 2, 4, 4)
+    deq(x)  # not distributed: SyncBatchNorm acts as BatchNorm, nothing to deadlock
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match=r"SyncBatchNorm layer\(s\) \['bn'\].*deadlock.*GroupNorm"):
+        deq(x)
+    deq.eval()  # eval SyncBatchNorm uses running statistics: no collective
+    deq(x)

@@ -1,5 +1,7 @@
 """Implicit backward: exactness (gradcheck, long unrolled reference), phantom-gradient bias, memory, robustness."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,3 +241,102 @@ def test_higher_order_gradients_fail_clearly_in_ift_and_work_in_phantom_mode():
     (g,) = torch.autograd.grad(deq(x).pow(3).sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x)
     assert torch.isfinite(h).all() and h.abs().sum() > 0
+
+
+def _expanding_linear_cell(d: int = 6):
+    """z <- z W + x with W symmetric, eigenvalues in [1.1, 1.2]: spectral radius 1.2, the adjoint iteration diverges."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    w = torch.nn.Parameter(q @ torch.diag(torch.linspace(1.1, 1.2, d)) @ q.T)
+    return w, (lambda z, x: z @ w + x)
+
+
+def test_failed_adjoint_solve_falls_back_to_dl_dz_instead_of_zero():
+    """A diverging adjoint solve used to return its start g = 0: every gradient upstream exactly zero, silently.
+
+    Now the solve starts at dl/dz, so a solve that never improves returns the 1-step gradient (torchdeq's fallback
+    f(x0) = dl/dz), the samples are counted and a warning is issued.
+    """
+    w, cell = _expanding_linear_cell()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
+    deq = DEQ(cell, f_solver="anderson", f_tol=1e-6, f_max_iter=40, b_solver="fixed_point", b_max_iter=20)
+    with pytest.warns(RuntimeWarning, match="adjoint .* solve made no progress"):
+        F.mse_loss(deq(x), target).backward()
+    bwd = deq.last_stats.backward
+    assert bwd.nstep.tolist() == [1, 1, 1] and not bool(bwd.converged.any())
+    assert deq.backward_fallbacks == 3 and deq.backward_unconverged == 1 and deq.backward_solves == 1
+    fallback = w.grad.clone()
+    assert float(fallback.norm()) > 1.0
+    # the fallback is exactly the 1-step (Jacobian-free) gradient through the same equilibrium
+    w.grad = None
+    one_step = DEQ(cell, f_solver="anderson", f_tol=1e-6, f_max_iter=40, backward="phantom", phantom_steps=1,
+                   phantom_tau=1.0)
+    F.mse_loss(one_step(x), target).backward()
+    torch.testing.assert_close(fallback, w.grad)
+    # Anderson solves the same (linear, non-contractive but invertible) adjoint system: the exact IFT gradient
+    w.grad = None
+    exact = DEQ(cell, f_solver="anderson", f_tol=1e-6, f_max_iter=40, b_solver="anderson", b_max_iter=40, b_tol=1e-8)
+    z = exact(x)
+    F.mse_loss(z, target).backward()
+    g_out = 2 * (z.detach() - target) / z.numel()
+    g_exact = torch.linalg.solve((torch.eye(6) - w.detach()).T, g_out.T).T  # g = g W + dl/dz
+    torch.testing.assert_close(w.grad, z.detach().T @ g_exact, rtol=1e-4, atol=1e-6)
+
+
+def test_mdeq_at_initialisation_with_broyden_gets_a_gradient_for_every_sample():
+    from lightning_nd.implicit import MDEQ
+
+    torch.manual_seed(0)
+    net = MDEQ(num_classes=3, in_chans=1, channels=[4, 8], head_channels=[2, 4], final_channels=16, expansion=2,
+               groups=2, deq={"f_solver": "broyden", "b_solver": "broyden", "f_max_iter": 10, "b_max_iter": 10})
+    net.eval()  # BatchNorm on running statistics: samples independent, so a per-sample zero gradient shows
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the untrained cell's adjoint solve falls back
+        net(x).logsumexp(dim=1).sum().backward()
+    assert net.deq.backward_fallbacks >= 1  # this setting used to return g = 0 for those samples
+    assert bool((x.grad.flatten(1).norm(dim=1) > 0).all())
+    assert all(float(p.grad.norm()) > 0 for p in net.cell.parameters())
+
+
+def test_bf16_autocast_solve_reaches_a_relative_tolerance_below_bf16_resolution():
+    """i-FPN setting: relative tolerance 1e-3 under bf16 autocast. Solved in bf16 the residual floors at ~4e-3."""
+    from lightning_nd.implicit.ifpn import PyramidFusionCell
+
+    torch.manual_seed(0)
+    cell = PyramidFusionCell(3, 16, 8)
+    gen = torch.Generator().manual_seed(0)
+    x = tuple(torch.randn(2, 16, s, s, generator=gen, requires_grad=True) for s in (16, 8, 4))
+    opts = {"f_tol": 1e-3, "f_stop_mode": "rel", "f_max_iter": 40, "b_tol": 1e-4, "b_stop_mode": "rel",
+            "b_max_iter": 40}
+    results = {}
+    for fp32 in (False, True):
+        deq = DEQ(cell, solve_fp32=fp32, **opts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = deq(x)
+        sum(o.float().pow(2).mean() for o in out).backward()
+        results[fp32] = deq.last_stats
+    assert not bool(results[False].forward.converged.all()) and results[False].forward.nfe == 40
+    fwd, bwd = results[True].forward, results[True].backward
+    assert bool(fwd.converged.all()) and fwd.nfe < 40 and float(fwd.rel.max()) < 1e-3
+    assert bool(bwd.converged.all()) and float(bwd.rel.max()) < 1e-4  # adjoint products in fp32 too
+    assert all(torch.isfinite(t.grad).all() for t in x)
+
+
+def test_frozen_layer_runs_no_adjoint_solve():
+    cell = ConvCell(channels=3, scale=0.6)
+    cell.requires_grad_(False)
+    opaque = DEQ(lambda z, x: cell(z, x), f_tol=1e-6)  # a plain callable may close over trainable tensors
+    frozen = DEQ(cell, f_tol=1e-6)
+    head = torch.nn.Linear(3, 1)
+    x = torch.randn(2, 3, 4, 4)
+    out = frozen(x)
+    assert not out.requires_grad  # nothing upstream needs a gradient: no backward machinery at all
+    head(out.mean(dim=(2, 3))).sum().backward()
+    assert frozen.backward_solves == 0 and frozen.last_stats.backward is None and head.weight.grad is not None
+    x.requires_grad_()  # now the input needs the implicit gradient
+    frozen(x).sum().backward()
+    assert frozen.backward_solves == 1 and x.grad is not None and cell.conv.weight.grad is None
+    opaque(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert opaque.backward_solves == 1
