@@ -4,6 +4,7 @@ from lightning_nd.callbacks.angle_tracker import AngleTracker
 from lightning_nd.callbacks.deq_monitor import DEQDivergenceError, DEQMonitor
 from lightning_nd.callbacks.deq_warmup import DEQWarmup
 from lightning_nd.callbacks.evolution_search import EvolutionSearch
+from lightning_nd.callbacks.prediction_writer import PredictionWriter
 from lightning_nd.callbacks.progressive_pruner import ProgressivePruner
 from lightning_nd.callbacks.reparam_convert import ReparamConvert
 from lightning_nd.callbacks.reparam_fuse import ReparamFuse
@@ -14,6 +15,7 @@ __all__ = [
     "DEQMonitor",
     "DEQWarmup",
     "EvolutionSearch",
+    "PredictionWriter",
     "ProgressivePruner",
     "ReparamConvert",
     "ReparamFuse",

@@ -2,7 +2,8 @@
 
 ``ReparamConvert("acb")`` turns every conv+BN pair of timm's ResNet into an ACNet block (kxk + 1xk + kx1 branches) in
 ``setup``, before the optimizer and DDP exist; after fit, ``ReparamFuse`` folds each block back into one convolution,
-checks the deploy network against the trained one on a real batch, and writes ``deploy.pt`` to the run directory.
+checks the deploy network against the trained one on a real batch, and writes ``deploy.pt2`` (a self-contained
+``torch.export`` program) and ``deploy_weights.pt`` to the run directory.
 
     python examples/timm_reparam.py            (about half a minute on a 2-core CPU)
 """
@@ -31,11 +32,12 @@ def main(max_epochs: int = 3, root: str = "runs/timm_reparam", limit_train_batch
     )
     trainer.fit(model, datamodule=datamodule)
 
-    deploy = load_deploy(Path(trainer.log_dir) / "deploy.pt")
+    deploy = load_deploy(Path(trainer.log_dir) / "deploy.pt2")  # needs no training code
     x, y = datamodule.sample_batch(256)
     model.eval()
     with torch.no_grad():
-        trained, fused = model(x), deploy(x)
+        trained = model(x)
+    fused = deploy(x)  # an exported program: inference semantics built in
     print(
         f"deploy accuracy {(fused.argmax(-1) == y).float().mean():.3f}, "
         f"max |trained - deploy| {(trained - fused).abs().max():.2e}"

@@ -40,11 +40,17 @@ def test_timm_reparam_example_writes_an_equivalent_deploy_model():
     model, deploy, (x, y) = load("timm_reparam").main(max_epochs=1)
     from torch import nn
 
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
-    assert sum(p.numel() for p in deploy.parameters()) < sum(p.numel() for p in model.net.parameters())
+    from lightning_nd.reparam import load_deploy
+
+    # the weights file loaded into the training form: every conv+BN pair fused away, fewer parameters
+    (weights,) = Path("runs/timm_reparam").rglob("deploy_weights.pt")
+    fused_net = load_deploy(weights, model=model.net)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused_net.modules())
+    assert sum(p.numel() for p in fused_net.parameters()) < sum(p.numel() for p in model.net.parameters())
     model.eval()
     with torch.no_grad():
-        trained, fused = model(x), deploy(x)
+        trained = model(x)
+    fused = deploy(x)  # the exported program
     assert (trained - fused).abs().max() <= 1e-4 * trained.abs().max()
     assert (fused.argmax(-1) == y).float().mean() > 0.3  # it learned something in one epoch (chance: 0.1)
 

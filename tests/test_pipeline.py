@@ -52,15 +52,17 @@ def test_quickstart_search_then_retrain_and_deploy():
     report = json.loads((Path("runs/quickstart/retrain") / "reparam_report.json").read_text())
     assert report["max_rel_error"] <= 1e-5
 
-    deploy = load_deploy(Path("runs/quickstart/retrain") / "deploy.pt")
-    blocks = [m for m in deploy.modules() if type(m).__name__ == "ACBlock"]
+    fused_net = load_deploy(Path("runs/quickstart/retrain") / "deploy_weights.pt", model=net)
+    blocks = [m for m in fused_net.modules() if type(m).__name__ == "ACBlock"]
     assert blocks and all(m.deploy for m in blocks)  # each ACNet block fused to its single conv
     # every conv-BN pair is folded; only the cell output's BN (no conv before it) can stay
-    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused_net.modules())
     assert n_bn == report["batchnorms_deploy"] <= 1 < report["batchnorms_train"]
+    deploy = load_deploy(Path("runs/quickstart/retrain") / "deploy.pt2")  # the self-contained program
     x, _ = retrain.datamodule.sample_batch(32)
     net.eval()
     with torch.no_grad():
-        expected, got = net(x), deploy(x)
+        expected = net(x)
+    got = deploy(x)
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
     assert (expected - got).abs().max() <= 1e-4 * expected.abs().max()

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+from typing_extensions import override
 
 T = TypeVar("T")
 
@@ -32,3 +34,18 @@ def progress(
 
     with tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True) as bar:
         yield from bar
+
+
+class VersionProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, showing the logger's whole version (``v_num=search``, not the last four characters).
+
+    ``lnd`` puts it in place of the default bar; use it in a script as ``Trainer(callbacks=[VersionProgressBar()])``.
+    """
+
+    @override
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+        items = super().get_metrics(trainer, pl_module)
+        if "v_num" in items:
+            versions = dict.fromkeys(str(logger.version) for logger in trainer.loggers if logger.version is not None)
+            items["v_num"] = "_".join(versions)
+        return items
