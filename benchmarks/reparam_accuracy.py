@@ -10,7 +10,9 @@ training form's eval accuracy.
     python benchmarks/reparam_accuracy.py --quick              # CPU-sized: 2k-image subset, 3 epochs, 2k test images, 3 seeds
     python benchmarks/reparam_accuracy.py --device cuda        # full training set, 15 epochs, 3 seeds (GPU)
 
-Writes a markdown table to stdout and to ``--out`` (default benchmarks/results/reparam_accuracy.md).
+Writes a markdown table to stdout and, through ``results_io.write_results``, to ``benchmarks/results/<--name>.md`` and
+``.json`` (default name ``reparam_accuracy``; the CPU run in the README used ``--quick --threads 2 --name
+reparam_accuracy_cpu``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results_io import write_results
 from torch import nn
 
 from lightning_nd.datamodules.fashion_mnist import _FILES, DEBIAN_DIR, _find, read_idx
 from lightning_nd.reparam import convert_model, reparameterize_model
-from lightning_nd.utils import atomic_write_text
 
 MEAN, STD = 0.2860, 0.3530
 VARIANTS = ("plain", "acb", "dbb", "repvgg")
@@ -126,7 +129,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "reparam_accuracy.md"))
+    parser.add_argument("--name", default="reparam_accuracy", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     if args.quick:
         args.epochs = args.epochs or 3
@@ -174,7 +177,20 @@ def main() -> None:
         f"{v}: " + ", ".join(f"{100 * r['acc']:.2f}" for r in results[v]) for v in variants)]
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write_text(text, args.out)
+    write_results(args.name, text, command="python " + " ".join(sys.argv), glance=glance_rows(results, variants, n, args))
+
+
+def glance_rows(results: dict, variants: list[str], n: int, args: argparse.Namespace) -> list[dict[str, str]]:
+    """One README row per variant: mean test accuracy, spread over seeds."""
+    rows = []
+    for v in variants:
+        accs = [100 * r["acc"] for r in results[v]]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append({"family": "Re-param", "what": f"Fashion-MNIST CNN test acc., {v} ({n} images, {args.epochs} epochs; "
+                     "deploy acc == train-form acc)", "value": f"{statistics.mean(accs):.2f} %",
+                     "spread": f"std {std:.2f}, {min(accs):.2f}-{max(accs):.2f} over {len(accs)} seeds",
+                     "target": "> plain" if v != "plain" else "baseline"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,22 +8,25 @@ after warm-ups, and reports images/s, the ratios and the largest relative output
 
     python benchmarks/reparam_speed.py            # 224x224, batch 32, 5 timed rounds
     python benchmarks/reparam_speed.py --quick    # 224x224, batch 8, 3 timed rounds
+
+Writes ``benchmarks/results/reparam_speed[_quick].md`` and ``.json`` (``results_io.write_results``); the spread is the
+range of the per-round ratios (each round times every model once, back to back).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
+from results_io import write_results
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_nd.reparam import reparameterize_model, repvgg_a0
-from lightning_nd.utils import atomic_write_text
 
 
 @torch.no_grad()
@@ -50,7 +53,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "reparam_speed.md"))
     args = parser.parse_args()
     batch = args.batch_size or (8 if args.quick else 32)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -81,6 +83,7 @@ def main() -> None:
                 m(x)
                 times[name].append(time.perf_counter() - start)
     ips = {name: batch / statistics.median(t) for name, t in times.items()}
+    rounds = {name: [a / b for a, b in zip(times["train form (ours)"], t)] for name, t in times.items()}
     err_ours = rel_err(outputs["train form (ours)"], outputs["deploy (ours)"])
     err_timm = rel_err(outputs["deploy (timm, same weights)"], outputs["deploy (ours)"])
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
@@ -102,9 +105,20 @@ def main() -> None:
         f"- max relative error after fusion (ours, float32): **{err_ours:.1e}** (target <= 1e-6); ours vs timm "
         f"deploy: {err_timm:.1e}",
     ]
+    spread = {name: f"x{min(r):.2f}-x{max(r):.2f} over {repeats} interleaved rounds" for name, r in rounds.items()}
+    lines.append(f"- per-round deploy / train form: {spread['deploy (ours)']}; timm deploy / train form: "
+                 f"{spread['deploy (timm, same weights)']}")
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write_text(text, args.out)
+    threads = f"{torch.get_num_threads()} torch thread(s)"
+    write_results("reparam_speed" + ("_quick" if args.quick else ""), text, command="python " + " ".join(sys.argv),
+                  glance=[
+        {"family": "Re-param", "what": f"RepVGG-A0 deploy / train-form CPU throughput, {args.size}px batch {batch}, "
+                                       f"{threads}", "value": f"x{ips['deploy (ours)'] / base:.2f}",
+         "spread": spread["deploy (ours)"], "target": ">= 1.8"},
+        {"family": "Re-param", "what": "RepVGG-A0 max relative output error after fusion (float32)",
+         "value": f"{err_ours:.1e}", "spread": "- (deterministic; one draw of BN statistics)", "target": "<= 1e-6"},
+    ])
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ What happens in ``on_fit_end`` (DDP is unwrapped, SyncBatchNorm reverted, the mo
    ``rtol`` (default 1e-4 in float32, 5e-2 for bf16/fp16 weights);
 3. the report (error, parameters and BatchNorms before/after, what was converted) goes to the loggers
    (``log_metrics``), the console and ``<run dir>/reparam_report.json``;
-4. rank 0 writes ``<run dir>/deploy.pt`` atomically (read it back with :func:`lightning_nd.reparam.load_deploy`),
-   optionally also TorchScript (``.ts``) and ONNX (``.onnx``); all ranks then meet at a barrier.
+4. rank 0 writes ``<run dir>/deploy.pt2``, a self-contained ``torch.export`` program that loads in any process without
+   the training code (:func:`lightning_nd.reparam.load_deploy` or ``torch.export.load(path).module()``), and
+   ``deploy_weights.pt``, the fused state dict for users who rebuild the model; optionally also TorchScript (``.ts``)
+   and ONNX (``.onnx``). Writes are atomic; all ranks then meet at a barrier.
+
+The network is the LightningModule's only child holding convolutions unless ``attr`` says otherwise (as in
+:class:`~lightning_nd.callbacks.ReparamConvert`). The check restores every module's train/eval flag afterwards (a
+deliberately frozen BN stays in eval mode).
 
 The in-memory LightningModule keeps its training form during fit, because with ``ddp_spawn`` the main process only
 receives the worker's weights through a ``strict=False`` load that would silently drop fused keys. With ``swap=True``,
@@ -36,7 +42,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_nd.callbacks.reparam_convert import TRAIN_FORM, resolve_network, restore_train_form, set_network
+from lightning_nd.callbacks.reparam_convert import (
+    AUTO,
+    TRAIN_FORM,
+    find_network_attr,
+    resolve_network,
+    restore_train_form,
+    set_network,
+)
 from lightning_nd.reparam import count_batchnorms, reparameterize_with_stats, save_deploy
 from lightning_nd.reparam.protocol import METHODS
 from lightning_nd.utils import atomic_write, atomic_write_text, run_dir
@@ -62,16 +75,16 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
 def relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
     """``(max |y_ref - y|, max |y_ref|, max |y_ref - y| / max |y_ref|)`` with both models in eval mode.
 
-    The training flags are restored afterwards.
+    Every module's training flag is restored afterwards (not only the roots').
     """
-    modes = reference.training, candidate.training
+    modes = {m: m.training for net in (reference, candidate) for m in net.modules()}
     reference.eval()
     candidate.eval()
     try:
         y_ref, y = first_tensor(reference(x)), first_tensor(candidate(x))
     finally:
-        reference.train(modes[0])
-        candidate.train(modes[1])
+        for module, mode in modes.items():
+            module.training = mode
     diff = (y_ref.float() - y.float()).abs().max().item()
     scale = y_ref.float().abs().max().item()
     return diff, scale, diff / scale if scale > 0 else diff
@@ -81,16 +94,17 @@ class ReparamFuse(Callback):
     """Fuse the trained network into its deploy form at the end of fit; verify it; write it on rank 0.
 
     Args:
-        attr: attribute of the LightningModule holding the network (``ImageClassifier``: ``net``); ``None`` fuses
-            the whole LightningModule.
+        attr: attribute of the LightningModule holding the network; ``"auto"`` (default) takes the only child that
+            holds convolutions (``ImageClassifier``: ``net``); ``None`` fuses the whole LightningModule.
         fold_bn: also fold the conv -> BN pairs that no block covers (e.g. a plain stem).
         check: run the eval-mode equivalence check on a real batch.
         check_samples: samples in the check batch.
         rtol: largest allowed ``max |dy| / max |y|``; default 1e-4 (float32/64 weights) or 5e-2 (bf16/fp16).
         strict: raise ``RuntimeError`` when the check fails (after writing the report, before writing the model);
             ``False`` warns and writes anyway.
-        save: write the deploy model (``deploy_path``, default ``<run dir>/deploy.pt``).
-        deploy_path: where to write it.
+        save: write the deploy program (``deploy_path``, default ``<run dir>/deploy.pt2``) and its weights
+            (``deploy_weights.pt`` beside it).
+        deploy_path: where to write the program.
         export: also write ``"torchscript"`` (traced, ``.ts``) and/or ``"onnx"`` (``.onnx``, dynamic batch axis).
         swap: make later ``trainer.test``/``validate``/``predict`` run the deploy form (needs ``attr``).
         input_shape: ``(C, H, W)`` of random check inputs when no data is attached.
@@ -106,12 +120,12 @@ class ReparamFuse(Callback):
         trainer = Trainer(callbacks=[ReparamConvert("dbb"), ReparamFuse(export=["onnx"], swap=True)])
         trainer.fit(model, datamodule=dm)
         trainer.test(model, datamodule=dm, ckpt_path="best")    # runs the fused network of the best checkpoint
-        deploy = load_deploy(Path(trainer.log_dir) / "deploy.pt")
+        deploy = load_deploy(Path(trainer.log_dir) / "deploy.pt2")     # no training code needed
     """
 
     def __init__(
         self,
-        attr: str | None = "net",
+        attr: str | None = AUTO,
         fold_bn: bool = True,
         check: bool = True,
         check_samples: int = 8,
@@ -141,12 +155,16 @@ class ReparamFuse(Callback):
         self.export, self.swap, self.input_shape, self.methods = export, swap, input_shape, tuple(methods)
         self.report: dict[str, Any] | None = None
         self.deploy_file: str | None = None
+        self.network_attr: str | None = None if attr == AUTO else attr  # the attribute actually used
 
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        resolve_network(pl_module, self.attr, "ReparamFuse")
-        restore_train_form(pl_module, self.attr)
+        restore_train_form(pl_module, self.network_attr)  # a swapped-in deploy net would not look like the network
+        self.network_attr = find_network_attr(pl_module, self.attr, "ReparamFuse")
+        if self.attr == AUTO:
+            rank_zero_info(f"ReparamFuse: fusing {type(pl_module).__name__}.{self.network_attr} (attr='auto')")
+        resolve_network(pl_module, self.network_attr, "ReparamFuse")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,7 +183,10 @@ class ReparamFuse(Callback):
         if failed:
             message = (
                 f"ReparamFuse: the deploy form differs from the training form by {report['max_rel_error']:.3g} "
-                f"(relative to max|y|), above rtol={report['rtol']:.3g}; see {folder / 'reparam_report.json'}"
+                f"(relative to max|y|), above rtol={report['rtol']:.3g}; converted {report['converted']}, folded "
+                f"{report['folded_bn']} conv -> BN pairs, {len(report['unfolded_bn'])} BNs left unfolded (the report's "
+                f"'unfolded_bn' says why); a module whose fuse()/reparameterize() is not exact in eval mode is the "
+                f"usual cause; see {folder / 'reparam_report.json'}"
             )
             if self.strict:
                 raise RuntimeError(message + " (strict=True: no deploy model written)")
@@ -198,8 +219,11 @@ class ReparamFuse(Callback):
     # ---------------------------------------------------------------------------------------------- work
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, dict[str, Any]]:
         """The deploy form of the module's network (a new module) and its report; the network is untouched."""
-        net = resolve_network(pl_module, self.attr, "ReparamFuse")
-        deploy, stats = reparameterize_with_stats(net, fold_bn=self.fold_bn, methods=self.methods, warn=False)
+        net = resolve_network(pl_module, self.network_attr, "ReparamFuse")
+        x = self._example_input(trainer, net)
+        deploy, stats = reparameterize_with_stats(
+            net, fold_bn=self.fold_bn, methods=self.methods, warn=False, example_input=x
+        )
         if stats.total == 0:
             rank_zero_warn(
                 f"ReparamFuse: nothing to fuse in {type(net).__name__}: no module has {'/'.join(self.methods)}() "
@@ -215,12 +239,12 @@ class ReparamFuse(Callback):
             "params_deploy": sum(p.numel() for p in deploy.parameters()),
             "batchnorms_train": count_batchnorms(net),
             "batchnorms_deploy": count_batchnorms(deploy),
+            "unfolded_bn": [f"{s.bn_path}: {s.reason}" for s in stats.unfolded_bn],
             "dtype": str(dtype).replace("torch.", ""),
             "rtol": self.rtol if self.rtol is not None else (5e-2 if half else 1e-4),
             "global_step": trainer.global_step,
         }
-        x = self._example_input(trainer, net) if self.check else None
-        if x is not None:
+        if self.check and x is not None:
             abs_err, scale, rel_err = relative_error(net, deploy, x)
             report.update(
                 max_abs_error=abs_err, max_abs_output=scale, max_rel_error=rel_err, check_batch=list(x.shape),
@@ -269,12 +293,11 @@ class ReparamFuse(Callback):
     def _write(
         self, deploy: nn.Module, report: dict[str, Any], folder: Path, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> Path:
-        path = Path(self.deploy_path) if self.deploy_path else folder / "deploy.pt"
+        path = Path(self.deploy_path) if self.deploy_path else folder / "deploy.pt2"
         deploy = deploy.eval()
-        save_deploy(deploy, path, report, fold_bn=self.fold_bn)
+        x = self._example_input(trainer, resolve_network(pl_module, self.network_attr, "ReparamFuse"))
+        path = save_deploy(deploy, path, x, report, fold_bn=self.fold_bn)
         if self.export:
-            net = resolve_network(pl_module, self.attr, "ReparamFuse")
-            x = self._example_input(trainer, net)
             if x is None:
                 rank_zero_warn(f"ReparamFuse: no example input, skipped export {self.export}")
                 return path
@@ -288,9 +311,9 @@ class ReparamFuse(Callback):
 
     # ---------------------------------------------------------------------------------------------- swap
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.swap or self.attr is None:
+        if not self.swap or self.network_attr is None:
             return
-        restore_train_form(pl_module, self.attr)
+        restore_train_form(pl_module, self.network_attr)
         with torch.inference_mode(False):  # evaluation hooks run in inference mode; the copy must stay usable
             deploy, report = self.fuse(trainer, pl_module)
         report = trainer.strategy.broadcast(report, src=0)  # all ranks swap, or all raise
@@ -299,10 +322,10 @@ class ReparamFuse(Callback):
                 f"ReparamFuse: deploy form differs by {report['max_rel_error']:.3g} > rtol={report['rtol']:.3g}; "
                 "not swapping it in"
             )
-        train_net = resolve_network(pl_module, self.attr, "ReparamFuse")
+        train_net = resolve_network(pl_module, self.network_attr, "ReparamFuse")
         deploy.train(train_net.training)
         object.__setattr__(deploy, TRAIN_FORM, train_net)  # unregistered: not in state_dict / parameters
-        set_network(pl_module, self.attr, deploy)
+        set_network(pl_module, self.network_attr, deploy)
 
 
 def first_loader(loaders: Any) -> Any:

@@ -5,7 +5,7 @@
 * blocks: :class:`ACBlock` (ACNet), :class:`DiverseBranchBlock` (DBB), :class:`RepVGGBlock`, each with an in-place
   ``reparameterize()`` and a ``deploy=True`` constructor flag;
 * models: :class:`RepVGG` and ``repvgg_a0`` ... ``repvgg_b3``, registered in timm as ``lnd_repvgg_a0`` ...;
-* :func:`convert_model` (conv+BN pairs of any model -> blocks), :func:`reparameterize_model` (timm's protocol, root
+* :func:`find_conv_bn_pairs` (conv -> BN pairs from the traced dataflow), :func:`convert_model` (those pairs -> blocks), :func:`reparameterize_model` (timm's protocol, root
   included, each module once), :func:`save_deploy` / :func:`load_deploy`.
 
 The Lightning side is ``lightning_nd.callbacks.ReparamConvert`` and ``ReparamFuse``.
@@ -13,7 +13,7 @@ The Lightning side is ``lightning_nd.callbacks.ReparamConvert`` and ``ReparamFus
 
 from lightning_nd.reparam.acb import ACBlock
 from lightning_nd.reparam.base import ConvBN, ReparamBlock
-from lightning_nd.reparam.convert import convert_model
+from lightning_nd.reparam.convert import Conversion, convert_model, convert_model_with_report
 from lightning_nd.reparam.dbb import BNAndPad, DiverseBranchBlock, IdentityBasedConv1x1
 from lightning_nd.reparam.deploy_io import load_deploy, save_deploy
 from lightning_nd.reparam.fusion import (
@@ -26,7 +26,7 @@ from lightning_nd.reparam.fusion import (
     identity_kernel,
     merge_1x1_kxk,
 )
-from lightning_nd.reparam.pairs import find_conv_bn_pairs
+from lightning_nd.reparam.pairs import ConvBNPair, PairSearch, SkippedBN, find_conv_bn_pairs
 from lightning_nd.reparam.protocol import (
     ReparamStats,
     count_batchnorms,
@@ -52,19 +52,24 @@ TIMM_NAMES = register_timm_models()
 __all__ = [
     "ACBlock",
     "BNAndPad",
+    "Conversion",
     "ConvBN",
+    "ConvBNPair",
     "DiverseBranchBlock",
     "IdentityBasedConv1x1",
+    "PairSearch",
     "RepVGG",
     "RepVGGBlock",
     "ReparamBlock",
     "ReparamStats",
+    "SkippedBN",
     "TIMM_NAMES",
     "avgpool_kernel",
     "bn_pad_values",
     "bn_scale_shift",
     "center_kernel",
     "convert_model",
+    "convert_model_with_report",
     "count_batchnorms",
     "find_conv_bn_pairs",
     "fold_bn",

@@ -1,6 +1,6 @@
 """``convert_model``: swap the ``Conv2d -> BN`` pairs of any model for training-time re-parameterizable blocks.
 
-Each eligible pair (found by :func:`~lightning_nd.reparam.pairs.find_conv_bn_pairs`) becomes an :class:`ACBlock`,
+Each eligible pair becomes an :class:`ACBlock`,
 :class:`DiverseBranchBlock` or :class:`RepVGGBlock` with the conv's geometry; the block includes the BN, so the BN's
 place takes an ``Identity`` (or timm ``BatchNormAct2d``'s activation). The conv's weights and the BN's parameters and
 running statistics are copied into the block's main ``k x k`` branch (a conv bias is absorbed into the BN mean).
@@ -9,7 +9,13 @@ With ``preserve=True`` the gammas and betas of the BNs that end the other branch
 exactly zero in train and eval mode: the converted model computes the same function, and a trained model can be
 converted and fine-tuned. With ``preserve=False`` the new branches keep their default initialisation (training from
 scratch). After training, :func:`~lightning_nd.reparam.reparameterize_model` folds each block back into one conv of
-the original geometry, so the deploy model has the original architecture.
+the original geometry, so the deploy model has the original layers (keys differ: ``conv1.reparam_conv.weight``).
+
+Pairs come from the dataflow (:func:`~lightning_nd.reparam.pairs.find_conv_bn_pairs`: a ``torch.fx`` trace, or one
+hooked forward on ``example_input``): a BN is taken only when its sole input is the conv's output and nothing else
+reads that output, so pre-activation layouts (PreAct-ResNet, timm ResNetV2, DenseNet, DPN) keep their function. Pairs
+inside a module that re-parameterizes itself (timm's RepVGG/MobileOne/FastViT blocks, our blocks) are left to that
+module's own ``reparameterize()``/``fuse()``, which reads those children by name.
 
 Eligibility: square odd kernels ``k >= 3``, ``padding_mode="zeros"``, symmetric integer padding and stride; ACB
 accepts any padding and dilation, DBB needs ``padding == k // 2`` and dilation 1, RepVGG ``padding == dilation * (k//2)``.
@@ -18,12 +24,14 @@ Ineligible pairs (``1x1`` convs, ``padding="same"`` with stride, ...) are left a
 Example::
 
     model = timm.create_model("resnet18", num_classes=10)
-    convert_model(model, "acb")          # 19 3x3 conv+BN pairs become ACBlocks; 1x1 downsamples stay
+    convert_model(model, "acb")          # the 7x7 stem and 16 3x3 conv+BN pairs become ACBlocks; 1x1 downsamples stay
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,10 +39,13 @@ from torch import nn
 
 from lightning_nd.reparam.acb import ACBlock
 from lightning_nd.reparam.dbb import DiverseBranchBlock
-from lightning_nd.reparam.pairs import bn_tail, find_conv_bn_pairs
+from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs
+from lightning_nd.reparam.protocol import METHODS, protocol_method
 from lightning_nd.reparam.repvgg_block import RepVGGBlock
 
-__all__ = ["BLOCKS", "convert_model", "eligible"]
+__all__ = ["BLOCKS", "Conversion", "convert_model", "convert_model_with_report", "eligible", "self_reparameterizing"]
+
+log = logging.getLogger(__name__)
 
 BLOCKS: dict[str, type[nn.Module]] = {"acb": ACBlock, "dbb": DiverseBranchBlock, "repvgg": RepVGGBlock}
 
@@ -87,40 +98,60 @@ def _load_main(block: nn.Module, conv: nn.Conv2d, bn: nn.Module, preserve: bool)
             nn.init.zeros_(norm.bias)
 
 
-def convert_model(
+@dataclass
+class Conversion:
+    """What :func:`convert_model_with_report` did."""
+
+    block: str  # the block type the pairs became
+    converted: list[str] = field(default_factory=list)  # dotted paths of the convs that became blocks
+    ineligible: list[str] = field(default_factory=list)  # verified pairs whose conv geometry the block cannot take
+    skipped: list[SkippedBN] = field(default_factory=list)  # BNs not paired, with the reason
+    method: str = "fx"  # how the dataflow was read: "fx" or "hooks"
+
+    def summary(self, limit: int = 5) -> str:
+        """One line: counts, then the first ``limit`` rejected candidates and why."""
+        rejected = [s for s in self.skipped if s.conv_path is not None]
+        text = (f"{len(self.converted)} conv+BN pairs -> {self.block} blocks, {len(self.ineligible)} pairs of other "
+                f"geometry kept, {len(self.skipped)} BNs unpaired ({len(rejected)} of them after a conv)")
+        if rejected:
+            text += "; rejected: " + "; ".join(f"{s.conv_path} -> {s.bn_path}: {s.reason}" for s in rejected[:limit])
+        return text
+
+
+def self_reparameterizing(model: nn.Module) -> list[str]:
+    """Dotted paths of the non-root modules that have their own ``fuse``/``reparameterize``/``switch_to_deploy``."""
+    return [path for path, m in model.named_modules() if path and any(protocol_method(m, n) for n in METHODS)]
+
+
+def convert_model_with_report(
     model: nn.Module,
     block: Literal["acb", "dbb", "repvgg"] = "acb",
     preserve: bool = False,
+    example_input: Any = None,
     **block_kwargs: Any,
-) -> nn.Module:
-    """Replace every eligible ``Conv2d -> BN`` pair of ``model`` (in place) by a training-time block; returns ``model``.
-
-    Args:
-        model: any ``nn.Module``: a timm or torchvision ResNet, a user CNN, a lightning_nd subnet.
-        block: ``"acb"`` (ACNet), ``"dbb"`` (Diverse Branch Block) or ``"repvgg"`` (3x3 + 1x1 + identity).
-        preserve: keep the model's function (extra branches start at zero); otherwise the extra branches get the
-            default initialisation (for training from scratch).
-        **block_kwargs: passed to every block (e.g. ``gamma_init=1/3`` for ACB, ``internal_channels`` for DBB).
+) -> Conversion:
+    """:func:`convert_model` that returns a :class:`Conversion` (which pairs were converted, skipped and why).
 
     Raises:
-        ValueError: for an unknown block, an eligible conv whose BN has no running statistics, block arguments the
-            block rejects, or when the model has no eligible pair.
-
-    Example::
-
-        net = convert_model(torchvision.models.resnet18(num_classes=10), "dbb")
+        ValueError: as :func:`convert_model`.
     """
     if block not in BLOCKS:
         raise ValueError(f"block={block!r} is not supported; allowed: {', '.join(map(repr, BLOCKS))}")
     cls = BLOCKS[block]
-    count = 0
-    for pair in find_conv_bn_pairs(model):
+    found = find_conv_bn_pairs(model, example_input)
+    report = Conversion(block, skipped=list(found.skipped), method=found.method)
+    owners = self_reparameterizing(model)
+    for pair in found.pairs:
+        owner = next((o for o in owners if pair.conv_path.startswith(o + ".") or pair.bn_path.startswith(o + ".")), None)
+        if owner is not None:
+            kind = type(model.get_submodule(owner)).__name__
+            report.skipped.append(SkippedBN(pair.bn_path, f"inside {owner} ({kind}), which re-parameterizes itself"))
+            continue
         conv, bn = pair.conv, pair.bn
         geometry = eligible(conv, block)
         if geometry is None:
+            report.ineligible.append(pair.conv_path)
             continue
-        if bn.running_mean is None:
-            raise ValueError(f"{pair.bn_name}: a BN without running statistics cannot become part of a {block} block")
         new = cls(conv.in_channels, conv.out_channels, act_layer=None, **geometry, **block_kwargs)
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         _load_main(new, conv, bn, preserve)
@@ -129,14 +160,44 @@ def convert_model(
         tail.train(bn.training)
         setattr(pair.conv_parent, pair.conv_name, new)
         setattr(pair.bn_parent, pair.bn_name, tail)
-        count += 1
-    if count == 0:
+        report.converted.append(pair.conv_path)
+    if not report.converted:
         raise ValueError(
             f"convert_model: no eligible Conv2d -> BatchNorm pair in {type(model).__name__} for block={block!r} "
-            "(needs square odd kernels >= 3 followed by a BN, in an nn.Sequential or as convN/bnN siblings)"
+            f"(needs a square odd kernel >= 3 whose output only feeds a BatchNorm2d): {report.summary()}"
         )
+    log.info("convert_model: %s", report.summary())
     if block == "repvgg" and not any(getattr(m, "identity", None) is not None for m in model.modules()
                                      if isinstance(m, RepVGGBlock)):
         warnings.warn("convert_model: no converted layer keeps in == out with stride 1, so no identity branch was added",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=3)
+    return report
+
+
+def convert_model(
+    model: nn.Module,
+    block: Literal["acb", "dbb", "repvgg"] = "acb",
+    preserve: bool = False,
+    example_input: Any = None,
+    **block_kwargs: Any,
+) -> nn.Module:
+    """Replace every eligible ``Conv2d -> BN`` pair of ``model`` (in place) by a training-time block; returns ``model``.
+
+    Args:
+        model: any ``nn.Module``: a timm or torchvision model, a user CNN, a lightning_nd subnet.
+        block: ``"acb"`` (ACNet), ``"dbb"`` (Diverse Branch Block) or ``"repvgg"`` (3x3 + 1x1 + identity).
+        preserve: keep the model's function (extra branches start at zero); otherwise the extra branches get the
+            default initialisation (for training from scratch).
+        example_input: a sample input, used only when the model does not trace with ``torch.fx``.
+        **block_kwargs: passed to every block (e.g. ``gamma_init=1/3`` for ACB, ``internal_channels`` for DBB).
+
+    Raises:
+        ValueError: for an unknown block, block arguments the block rejects, a model that neither traces nor came
+            with ``example_input``, or when the model has no eligible pair (the message lists rejected candidates).
+
+    Example::
+
+        net = convert_model(torchvision.models.resnet18(num_classes=10), "dbb")
+    """
+    convert_model_with_report(model, block, preserve, example_input, **block_kwargs)
     return model

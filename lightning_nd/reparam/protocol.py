@@ -9,9 +9,12 @@ Three method names are in use (reference: timm ``reparameterize_model``, ml-mobi
 :func:`reparameterize_model` walks the model top-down **starting at the root** (timm's helper skips the root), calls
 the first method a module has, in that order, then descends into what remains. Every converted module is marked, so a
 second call (or a model converted before) never calls a third-party converter twice (timm's FastViT ``RepMixer``
-raises on a second ``reparameterize()``). Optionally, remaining ``Conv2d -> BN`` pairs are folded
-(:func:`fold_conv_bn_pairs`), e.g. the 10 BNs timm's FastViT keeps in its ``ConvMlp``. The training flag of the
-model is preserved; outputs only agree in ``eval()`` (BNs in train mode use batch statistics).
+raises on a second ``reparameterize()``). Only methods count: a child module named ``fuse`` (a feature-fusion layer)
+is not taken for the protocol. Optionally, remaining ``Conv2d -> BN`` pairs are folded (:func:`fold_conv_bn_pairs`),
+e.g. the 10 BNs timm's FastViT keeps in its ``ConvMlp``; pairs come from the dataflow
+(:func:`~lightning_nd.reparam.pairs.find_conv_bn_pairs`), so a pre-activation BN is never folded into the wrong conv.
+The training flag of every module is preserved; outputs only agree in ``eval()`` (BNs in train mode use batch
+statistics).
 
 Example::
 
@@ -21,17 +24,26 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_nd.reparam.fusion import fold_bn
-from lightning_nd.reparam.pairs import bn_tail, find_conv_bn_pairs
+from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs
 
-__all__ = ["METHODS", "ReparamStats", "fold_conv_bn_pairs", "reparameterize_model", "reparameterize_with_stats"]
+__all__ = [
+    "METHODS",
+    "ReparamStats",
+    "fold_conv_bn_pairs",
+    "protocol_method",
+    "reparameterize_model",
+    "reparameterize_with_stats",
+]
 
 METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 _MARK = "_lnd_reparameterized"
@@ -53,10 +65,17 @@ class ReparamStats:
     converted: dict[str, int] = field(default_factory=dict)  # method name -> modules converted by it
     folded_bn: int = 0  # conv -> BN pairs folded by the generic pass
     skipped: int = 0  # modules skipped because an earlier conversion marked them
+    unfolded_bn: list[SkippedBN] = field(default_factory=list)  # BNs the fold pass left, with the reason
 
     @property
     def total(self) -> int:
         return sum(self.converted.values()) + self.folded_bn
+
+
+def protocol_method(module: nn.Module, name: str) -> Any:
+    """``module.<name>`` if it is a method (bound function), else ``None``: a child *module* named ``fuse`` is not."""
+    method = getattr(module, name, None)
+    return method if inspect.ismethod(method) else None
 
 
 def _mark(module: nn.Module) -> None:
@@ -69,8 +88,8 @@ def _convert(module: nn.Module, methods: tuple[str, ...], stats: ReparamStats) -
         stats.skipped += 1
     else:
         for name in methods:
-            method = getattr(module, name, None)
-            if not callable(method):
+            method = protocol_method(module, name)
+            if method is None:
                 continue
             result = method()
             _mark(module)
@@ -89,18 +108,19 @@ def _convert(module: nn.Module, methods: tuple[str, ...], stats: ReparamStats) -
 
 
 @torch.no_grad()
-def fold_conv_bn_pairs(model: nn.Module) -> int:
-    """Fold every remaining ``Conv2d -> _BatchNorm`` pair (see :mod:`lightning_nd.reparam.pairs`) in place.
+def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int, list[SkippedBN]]:
+    """Fold every ``Conv2d -> _BatchNorm`` pair whose dataflow is verified (:mod:`lightning_nd.reparam.pairs`), in place.
 
     The conv gets the folded kernel and a bias (computed in float32, cast back), the BN is replaced by
-    ``Identity`` (or by the dropout/activation of timm's ``BatchNormAct2d``). BNs without running statistics are
-    left alone. Returns the number of pairs folded.
+    ``Identity`` (or by the dropout/activation of timm's ``BatchNormAct2d``). Returns the number of pairs folded and
+    the BNs left, with the reason (pre-activation BNs, shared conv outputs, BNs without running statistics).
+
+    Raises:
+        ValueError: when the model does not trace with ``torch.fx`` and no ``example_input`` was given.
     """
-    count = 0
-    for pair in find_conv_bn_pairs(model):
+    found = find_conv_bn_pairs(model, example_input)
+    for pair in found.pairs:
         conv, bn = pair.conv, pair.bn
-        if bn.running_mean is None:
-            continue
         w, b = fold_bn(conv.weight, bn, conv.bias)
         conv.weight.copy_(w.to(conv.weight.dtype))
         if conv.bias is None:
@@ -109,8 +129,15 @@ def fold_conv_bn_pairs(model: nn.Module) -> int:
         tail = bn_tail(bn)
         tail.train(bn.training)
         setattr(pair.bn_parent, pair.bn_name, tail)
-        count += 1
-    return count
+    return len(found.pairs), found.skipped
+
+
+def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Every module that existed gets its own flag back (a frozen BN stays in eval); new ones take their parent's."""
+    model.training = modes.get(model, model.training)
+    for parent in model.modules():
+        for child in parent.children():
+            child.training = modes.get(child, parent.training)
 
 
 def reparameterize_with_stats(
@@ -119,11 +146,13 @@ def reparameterize_with_stats(
     fold_bn: bool = False,
     methods: tuple[str, ...] = METHODS,
     warn: bool = True,
+    example_input: Any = None,
 ) -> tuple[nn.Module, ReparamStats]:
     """:func:`reparameterize_model` that also returns :class:`ReparamStats`.
 
     Raises:
-        ValueError: for an unknown method name.
+        ValueError: for an unknown method name, or ``fold_bn`` on a model that does not trace with ``torch.fx``
+            without ``example_input``.
         TypeError: when a ``fuse()`` returns something that is not a module.
     """
     bad = [m for m in methods if m not in METHODS]
@@ -131,12 +160,12 @@ def reparameterize_with_stats(
         raise ValueError(f"methods={methods!r}: each must be one of {METHODS}")
     if not inplace:
         model = copy.deepcopy(model)
-    training = model.training
+    modes = {m: m.training for m in model.modules()}
     stats = ReparamStats()
     model = _convert(model, tuple(methods), stats)
     if fold_bn:
-        stats.folded_bn = fold_conv_bn_pairs(model)
-    model.train(training)
+        stats.folded_bn, stats.unfolded_bn = fold_conv_bn_pairs(model, example_input)
+    _restore_modes(model, modes)
     if warn and stats.total == 0:
         hint = "" if fold_bn else " (fold_bn=True would also fold plain conv -> BN pairs)"
         what = "already converted" if stats.skipped else "nothing to fuse"
@@ -149,7 +178,11 @@ def reparameterize_with_stats(
 
 
 def reparameterize_model(
-    model: nn.Module, inplace: bool = False, fold_bn: bool = False, methods: tuple[str, ...] = METHODS
+    model: nn.Module,
+    inplace: bool = False,
+    fold_bn: bool = False,
+    methods: tuple[str, ...] = METHODS,
+    example_input: Any = None,
 ) -> nn.Module:
     """The deploy form of ``model``: every module's ``fuse()``/``reparameterize()``/``switch_to_deploy()``, root included.
 
@@ -158,9 +191,10 @@ def reparameterize_model(
         inplace: convert ``model`` itself; by default a deep copy is converted and returned.
         fold_bn: also fold the remaining ``Conv2d -> BN`` pairs (inference only).
         methods: the protocol's method names in priority order.
+        example_input: a sample input for ``fold_bn`` on models that ``torch.fx`` cannot trace.
 
     Raises:
-        ValueError: for an unknown method name.
+        ValueError: for an unknown method name, or ``fold_bn`` on an untraceable model without ``example_input``.
         TypeError: when a ``fuse()`` returns something that is not a module.
 
     Warns:
@@ -171,7 +205,7 @@ def reparameterize_model(
         model = RepVGGBlock(8, 8).eval()
         fused = reparameterize_model(model)     # model is untouched; fused has one conv
     """
-    return reparameterize_with_stats(model, inplace, fold_bn, methods)[0]
+    return reparameterize_with_stats(model, inplace, fold_bn, methods, example_input=example_input)[0]
 
 
 def count_batchnorms(model: nn.Module) -> int:

@@ -59,8 +59,8 @@ def test_converts_once_and_resumes_from_checkpoint(tmp_path):
     t2 = trainer(callbacks=[ReparamConvert("dbb", block_kwargs={"internal_channels": 16})], max_epochs=2)
     t2.fit(fresh, datamodule=dm, ckpt_path=ckpt.last_model_path)
     assert t2.global_step == 4  # continued from step 2
-    # a checkpoint from another block type does not load
-    with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+    # a checkpoint from another block type does not load, and the message says why (issue 12 item 9)
+    with pytest.raises(MisconfigurationException, match="holds a network converted to 'dbb' blocks.*block='dbb'"):
         trainer(callbacks=[ReparamConvert("acb")], max_epochs=2).fit(
             ImageClassifier(small_cnn(), num_classes=10, in_chans=1), datamodule=dm, ckpt_path=ckpt.last_model_path
         )
@@ -99,3 +99,63 @@ def test_spawned_worker_detection_uses_public_api():
         assert queue.get(timeout=60) is True
     finally:
         process.join(timeout=60)
+
+
+class UserModule(pl.LightningModule):
+    """A user's module shaped unlike ours: the network in ``self.model``, a loss child, default callback arguments."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = small_cnn()
+        self.model[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_load_checkpoint(self, checkpoint):
+        ReparamConvert.restore(self, checkpoint)  # the documented hook: rebuild the converted network first
+
+
+def test_user_module_auto_attr_and_load_from_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16)
+    model = UserModule()
+    callback = ReparamConvert("acb")
+    t = trainer(callbacks=[callback], limit_val_batches=0, default_root_dir=tmp_path)
+    t.fit(model, datamodule=dm)
+    assert callback.network_attr == "model" and isinstance(model.model[0], ACBlock)  # found without attr
+    path = tmp_path / "converted.ckpt"
+    t.save_checkpoint(path)
+    restored = UserModule.load_from_checkpoint(path)  # strict: every converted key has a place
+    assert isinstance(restored.model[0], ACBlock)
+    x, _ = dm.sample_batch(8)
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+    # without the recorded conversion the same load fails on the block keys (what the hook fixes)
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["lightning_nd_reparam"]
+    torch.save(checkpoint, tmp_path / "unrecorded.ckpt")
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        UserModule.load_from_checkpoint(tmp_path / "unrecorded.ckpt")
+
+
+def test_auto_attr_needs_exactly_one_candidate():
+    class TwoNets(UserModule):
+        def __init__(self):
+            super().__init__()
+            self.teacher = small_cnn()
+
+    with pytest.raises(MisconfigurationException, match=r"several children hold convolutions: \['model', 'teacher'\]"):
+        ReparamConvert().convert(TwoNets())
+    assert ReparamConvert(attr="teacher").convert(TwoNets()) == 3

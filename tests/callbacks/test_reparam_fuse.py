@@ -1,10 +1,14 @@
 """ReparamFuse: verified deploy model at fit end, swap for test/predict (also with ckpt_path="best", twice), bf16,
-exports, failure handling, and one 2-process ddp_spawn fit with ReparamConvert + ReparamFuse."""
+exports, deploy files loaded in a fresh process, user modules shaped unlike ours, failure handling, and one 2-process
+ddp_spawn fit with ReparamConvert + ReparamFuse."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,10 +20,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_nd.callbacks import ReparamConvert, ReparamFuse
+from lightning_nd.callbacks.reparam_fuse import relative_error
 from lightning_nd.datamodules import DigitsDataModule
 from lightning_nd.modules import ImageClassifier
-from lightning_nd.reparam import ReparamBlock, count_batchnorms, load_deploy
-from tests.callbacks.test_reparam_convert import small_cnn, trainer
+from lightning_nd.reparam import ACBlock, ReparamBlock, count_batchnorms, load_deploy
+from lightning_nd.reparam.deploy_io import read_report
+from tests.callbacks.test_reparam_convert import UserModule, small_cnn, trainer
 from tests.reparam._helpers import rel_err
 
 
@@ -95,7 +101,8 @@ def test_failed_check_raises_and_writes_no_model(tmp_path):
     t = trainer(callbacks=[ReparamConvert("dbb"), ReparamFuse(rtol=1e-15)], default_root_dir=tmp_path)
     with pytest.raises(RuntimeError, match="strict=True: no deploy model written"):
         t.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    assert (tmp_path / "reparam_report.json").is_file() and not (tmp_path / "deploy.pt").exists()
+    assert (tmp_path / "reparam_report.json").is_file() and not (tmp_path / "deploy.pt2").exists()
+    assert not (tmp_path / "deploy_weights.pt").exists()
 
 
 def test_nothing_to_fuse_warns_and_checks_a_training_batch(tmp_path):
@@ -114,7 +121,7 @@ class RankCheck(Callback):
     """Inside the workers: after fit end, the fused model on disk equals this rank's trained network."""
 
     def on_fit_end(self, trainer, pl_module):
-        deploy = load_deploy(Path(trainer.strategy.broadcast(str(trainer.default_root_dir))) / "deploy.pt")
+        deploy = load_deploy(Path(trainer.strategy.broadcast(str(trainer.default_root_dir))) / "deploy.pt2")
         x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
         net = copy.deepcopy(pl_module.net).eval()
         with torch.no_grad():
@@ -139,8 +146,93 @@ def test_ddp_spawn_fit_convert_and_fuse(tmp_path):
     # the main process got the trained training-form weights back (no fused keys dropped by the strict=False load)
     trained = model.net.state_dict()
     assert not torch.equal(trained["0.conv_kxk.conv.weight"], initial["0.conv_kxk.conv.weight"])
-    deploy = load_deploy(tmp_path / "deploy.pt")
+    deploy = load_deploy(tmp_path / "deploy.pt2")
     x = torch.randn(4, 1, 8, 8)
     model.eval()
     with torch.no_grad():
         assert rel_err(model(x), deploy(x)) <= 1e-5
+
+
+FRESH_PROCESS = """
+import sys, torch
+program = torch.export.load(sys.argv[1]).module()          # plain torch: no lightning_nd, no training code
+x, y = torch.load(sys.argv[2])
+assert "lightning_nd" not in sys.modules and "tests" not in sys.modules
+torch.testing.assert_close(program(x), y, rtol=1e-5, atol=1e-6)
+from lightning_nd.reparam import load_deploy
+torch.testing.assert_close(load_deploy(sys.argv[1])(x), y, rtol=1e-5, atol=1e-6)
+assert not any(name == "tests" or name.startswith("tests.") for name in sys.modules)
+print("fresh process ok")
+"""
+
+
+def test_deploy_file_loads_in_a_fresh_process(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16)
+    model = UserModule()  # defined in the tests package: a fresh process cannot import it
+    fuse = ReparamFuse()  # default arguments find model.model
+    trainer(callbacks=[ReparamConvert("dbb"), fuse], default_root_dir=tmp_path, limit_val_batches=0).fit(
+        model, datamodule=dm)
+    assert fuse.network_attr == "model" and fuse.report["passed"]
+    x, _ = dm.sample_batch(5)  # another batch size than the export's: the batch dimension is dynamic
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    torch.save((x, y), tmp_path / "xy.pt")
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(FRESH_PROCESS))
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script), fuse.deploy_file, str(tmp_path / "xy.pt")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(repo), "PATH": ""})
+    assert done.returncode == 0 and "fresh process ok" in done.stdout, done.stderr[-2000:]
+    # the weights-only file: a rebuilt training form is fused and loaded strictly
+    rebuilt = UserModule()
+    ReparamConvert("dbb").convert(rebuilt)
+    net = load_deploy(tmp_path / "deploy_weights.pt", model=rebuilt.model)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-6)
+    assert read_report(fuse.deploy_file)["max_rel_error"] == fuse.report["max_rel_error"]
+    with pytest.raises(ValueError, match="holds weights only"):
+        load_deploy(tmp_path / "deploy_weights.pt")
+
+
+class FusionNet(nn.Module):
+    """A feature-fusion child named ``fuse`` (a module, not the protocol's method) and a deliberately frozen BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.fuse(torch.cat([y, y.flip(-1)], 1)))
+
+
+class FrozenBNModule(UserModule):
+    def __init__(self):
+        super().__init__()
+        self.model = FusionNet()
+
+    def on_train_epoch_start(self):
+        self.model.stem[1].eval()  # a frozen BN: running statistics stay fixed
+
+
+def test_child_named_fuse_and_frozen_bn_flag_survive_fit(tmp_path):
+    model = FrozenBNModule()
+    fuse = ReparamFuse()
+    trainer(callbacks=[ReparamConvert("acb"), fuse], default_root_dir=tmp_path, limit_val_batches=0).fit(
+        model, datamodule=DigitsDataModule(batch_size=16))
+    assert isinstance(model.model.fuse[0], ACBlock)  # the child named fuse was converted, not called
+    assert fuse.report["passed"] and fuse.report["batchnorms_deploy"] == 0
+    assert model.model.stem[1].training is False and model.model.fuse[0].training is True  # flags kept per module
+
+
+def test_relative_error_restores_every_flag():
+    net = small_cnn().train()
+    net[1].eval()
+    other = copy.deepcopy(net)
+    relative_error(net, other, torch.randn(2, 1, 8, 8))
+    assert [m.training for m in net.modules()] == [m.training for m in other.modules()]
+    assert net[1].training is False and net[4].training is True

@@ -35,7 +35,7 @@ def test_cpu_config_fast_dev_run(name, tmp_path):
           "--trainer.enable_progress_bar=false", "--data.batch_size=4", *CHEAP.get(name, [])])
     report = json.loads((tmp_path / "reparam_report.json").read_text())
     assert report["passed"] and report["batchnorms_train"] > 0 and report["batchnorms_deploy"] == 0
-    assert (tmp_path / "deploy.pt").is_file()
+    assert (tmp_path / "deploy.pt2").is_file()
 
 
 @pytest.mark.parametrize("name", GPU)

@@ -25,6 +25,7 @@ from lightning_nd.reparam import (
     save_deploy,
 )
 from lightning_nd.reparam.convert import BLOCKS
+from lightning_nd.reparam.deploy_io import deploy_kind, weights_path
 from tests.reparam._helpers import randomize_bn, rel_err
 
 
@@ -161,18 +162,46 @@ def test_deploy_save_load_same_outputs(tmp_path):
     model = randomize_bn(convert_model(UserCNN(), "dbb")).eval()
     x = torch.randn(2, 3, 16, 16)
     fused = reparameterize_model(model, fold_bn=True)
-    path = save_deploy(fused, tmp_path / "deploy.pt", report={"max_rel_error": 0.0}, fold_bn=True)
+    path = save_deploy(fused, tmp_path / "deploy.pt2", x, report={"max_rel_error": 0.0}, fold_bn=True)
+    weights = weights_path(path)
+    assert deploy_kind(path) == "program" and deploy_kind(weights) == "weights"
+    assert torch.load(weights, weights_only=True)["report"] == {"max_rel_error": 0.0}  # plain data: weights_only
     with torch.no_grad():
-        torch.testing.assert_close(load_deploy(path)(x), fused(x), rtol=0, atol=0)
+        program = load_deploy(path)
+        torch.testing.assert_close(program(x), fused(x), rtol=1e-6, atol=1e-6)
+        assert program(torch.randn(5, 3, 16, 16)).shape == (5, 5)  # dynamic batch dimension
         # fuse a fresh training form of the same architecture, then load strictly
         fresh = convert_model(UserCNN(), "dbb")
-        torch.testing.assert_close(load_deploy(path, model=fresh)(x), fused(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_deploy(weights, model=fresh)(x), fused(x), rtol=0, atol=0)
         # every block fuses to the same deploy architecture: an ACB-trained form loads the DBB deploy weights
-        torch.testing.assert_close(load_deploy(path, model=convert_model(UserCNN(), "acb"))(x), fused(x))
+        torch.testing.assert_close(load_deploy(weights, model=convert_model(UserCNN(), "acb"))(x), fused(x))
     with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
-        load_deploy(path, model=RepVGGBlock(3, 8))
+        load_deploy(weights, model=RepVGGBlock(3, 8))
     with pytest.raises(FileNotFoundError):
         load_deploy(tmp_path / "missing.pt")
     torch.save({"a": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a lightning_nd deploy file"):
+    with pytest.raises(ValueError, match="not a lightning_nd deploy weights file"):
         load_deploy(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ValueError, match="not a torch archive"):
+        load_deploy(tmp_path / "text.pt")
+
+
+class FuseChild(nn.Module):
+    """A model whose feature-fusion child is named ``fuse``: a module, not the protocol's ``fuse()`` method."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fuse = RepVGGBlock(3, 8), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.fuse(self.a(x))
+
+
+def test_child_named_fuse_is_not_the_protocol_method():
+    model = randomize_bn(FuseChild()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused, stats = reparameterize_with_stats(model, fold_bn=True)
+    assert stats.converted == {"reparameterize": 1} and stats.folded_bn == 1
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= 1e-5
