@@ -186,3 +186,11 @@ class ImageClassifier(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         return configure_optimization(self, self.optimizer, self.lr_scheduler)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A run trained with ReparamConvert saved block weights: rebuild the blocks before they load, so that
+        # ``ImageClassifier.load_from_checkpoint`` works without the callback. Imported here: callbacks import modules.
+        from lightning_nd.callbacks.reparam_convert import ReparamConvert
+
+        ReparamConvert.restore(self, checkpoint)

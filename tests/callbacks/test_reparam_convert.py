@@ -159,3 +159,18 @@ def test_auto_attr_needs_exactly_one_candidate():
     with pytest.raises(MisconfigurationException, match=r"several children hold convolutions: \['model', 'teacher'\]"):
         ReparamConvert().convert(TwoNets())
     assert ReparamConvert(attr="teacher").convert(TwoNets()) == 3
+
+
+def test_image_classifier_load_from_checkpoint_after_convert(tmp_path):
+    """Our own module carries the hook: a checkpoint of a converted run loads without the callback."""
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16)
+    model = ImageClassifier(small_cnn(), num_classes=10, in_chans=1)
+    t = trainer(callbacks=[ReparamConvert("dbb")], limit_val_batches=0, default_root_dir=tmp_path)
+    t.fit(model, datamodule=dm)
+    t.save_checkpoint(tmp_path / "converted.ckpt")
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "converted.ckpt", model=small_cnn())
+    assert isinstance(restored.net[0], DiverseBranchBlock)
+    x, _ = dm.sample_batch(8)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x), model.eval()(x))
