@@ -16,9 +16,10 @@ Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forwar
   run stops cleanly (``on_divergence="stop"``: the step's gradients are dropped so no NaN reaches the weights, the
   trainer stops, and the reason is reported and kept in ``stop_reason``) or :class:`DEQDivergenceError` is raised
   on every rank (``"raise"``). A NaN loss is never trained on silently.
-- Under a loss scaler (``precision="16-mixed"``) a non-finite adjoint residual is the scaler's normal overflow: the
-  scaler skips that step and lowers its scale, so the monitor lets it, and trips only when more than
-  ``max_scaler_skips`` steps in a row fail that way (a persistent failure) or the loss itself is non-finite.
+- Under a loss scaler (``precision="16-mixed"``) a diverged adjoint that left non-finite gradients is the scaler's
+  normal overflow: the scaler skips that step and lowers its scale, so the monitor lets it, and trips only when more
+  than ``max_scaler_skips`` steps in a row fail that way (a persistent failure) or the loss itself is non-finite. An
+  adjoint that exploded with finite gradients (the scaler would train on them) trips as without a scaler.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class DEQMonitor(Callback):
             solver's protective break count).
         on_divergence: ``"stop"`` (drop the step's gradients, stop the trainer, report the reason) or ``"raise"``.
         log_validation: also log validation solver statistics (epoch means).
-        max_scaler_skips: under an enabled loss scaler, consecutive steps with a diverged adjoint tolerated (the
-            scaler skips them) before the run counts as diverged.
+        max_scaler_skips: under an enabled loss scaler, consecutive steps with a diverged adjoint and non-finite
+            gradients tolerated (the scaler skips them) before the run counts as diverged.
 
     Attributes:
         stop_reason: the message of the divergence that stopped the run (None if none).
@@ -167,6 +168,12 @@ class DEQMonitor(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
 
+    @staticmethod
+    def _nonfinite_grads(optimizer: Any) -> bool:
+        """Whether the scaler will skip this step (its own test: some gradient is inf/NaN after unscaling)."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     # ----------------------------------------------------------------- divergence
     def _divergence(self, pl_module: pl.LightningModule, loss: torch.Tensor) -> str | None:
         if not bool(torch.isfinite(loss.detach()).all()):
@@ -218,13 +225,17 @@ class DEQMonitor(Callback):
         if self._pending is None:
             reason = self._backward_divergence(pl_module)
             if self._loss_scaler(trainer) is not None:
-                failed = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
-                self.scaler_skips = self.scaler_skips + 1 if failed else 0
-                self.scaler_skips_total += int(failed)
-                if self.scaler_skips <= self.max_scaler_skips:
+                # an overflow makes the gradients non-finite and the scaler skips the step; a finite explosion (the
+                # solver's best iterate is used) would be trained on, so it trips below as without a scaler
+                overflow = reason is not None and self._nonfinite_grads(optimizer)
+                overflow = trainer.strategy.reduce_boolean_decision(overflow, all=False)
+                self.scaler_skips = self.scaler_skips + 1 if overflow else 0
+                self.scaler_skips_total += int(overflow)
+                if overflow and self.scaler_skips <= self.max_scaler_skips:
                     return  # the scaler skips a step with non-finite gradients and lowers its scale
-                reason = (f"{self.scaler_skips} steps in a row with a diverged adjoint under the loss scaler "
-                          f"(max_scaler_skips={self.max_scaler_skips}); last: {reason or 'on another rank'}")
+                if overflow:
+                    reason = (f"{self.scaler_skips} steps in a row with a diverged adjoint under the loss scaler "
+                              f"(max_scaler_skips={self.max_scaler_skips}); last: {reason or 'on another rank'}")
             if not self._trip(trainer, reason):
                 return
         optimizer.zero_grad(set_to_none=True)  # parameters without gradients are skipped: no NaN reaches the weights

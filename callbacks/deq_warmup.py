@@ -6,7 +6,9 @@ backward; the warm-up gives the cell a reasonable, more contractive starting poi
 3,000 steps). This callback flips the ``mode`` attribute of every DEQ layer of the model (the protocol of
 :func:`lightning_nd.implicit.find_deqs`) from ``"unrolled"`` to ``"equilibrium"`` when ``trainer.global_step`` reaches
 ``warmup_steps``. The mode is derived from the global step, so every rank and a resumed run agree; when fit ends
-(or fails) inside the warm-up, the layers are put back in equilibrium mode.
+(or fails) inside the warm-up, the layers are put back in equilibrium mode. A multi-process fit whose DEQ cell holds
+``SyncBatchNorm`` (``Trainer(sync_batchnorm=True)``) fails at fit start: the layer itself refuses it only at its
+first equilibrium forward (ranks would deadlock), which would come after the whole warm-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
 from lightning_nd.implicit import find_deqs
@@ -37,7 +40,8 @@ class DEQWarmup(Callback):
 
     Raises:
         ValueError: for ``warmup_steps < 0`` or ``unroll_layers < 1``.
-        MisconfigurationException: at setup, if the model has no DEQ layer.
+        MisconfigurationException: at setup, if the model has no DEQ layer; at fit start, on several processes, if
+            a DEQ cell holds ``SyncBatchNorm``.
 
     Example::
 
@@ -72,6 +76,25 @@ class DEQWarmup(Callback):
             for _, deq in deqs:
                 if hasattr(deq, "config"):
                     deq.config = dataclasses.replace(deq.config, unroll_layers=self.unroll_layers)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the strategy's setup, where sync_batchnorm converts BatchNorm; the same answer on every rank
+        if trainer.world_size <= 1:
+            return
+        bad = [
+            f"{name}.cell.{sub}"
+            for name, deq in find_deqs(pl_module)
+            if isinstance(getattr(deq, "cell", None), nn.Module)
+            for sub, m in deq.cell.named_modules()
+            if isinstance(m, nn.SyncBatchNorm)
+        ]
+        if bad:
+            raise MisconfigurationException(
+                f"DEQ cell(s) hold SyncBatchNorm {bad} on {trainer.world_size} processes: ranks stop their solvers "
+                "after different step counts and SyncBatchNorm all-reduces on every cell call, so training would "
+                "deadlock after the warm-up. Use GroupNorm/LayerNorm in the cell or turn sync_batchnorm off."
+            )
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -6,9 +6,9 @@ Annotations are read with pycocotools and turned into torchvision's detection ta
 (segment) area, which COCOeval's small/medium/large ranges use. Crowd annotations (``iscrowd=1``) are dropped from
 training targets (they are not objects to learn; torchvision's reference does the same) and kept in evaluation
 targets, where COCOeval, and torchmetrics given ``iscrowd``, let detections on crowd regions match them without
-counting as false positives; dropping them would bias mAP low. Boxes without area are dropped. Category ids, sparse in COCO
-(1..90), are mapped to contiguous labels ``1..K`` in sorted id order unless ``contiguous_labels=False``, in which
-case the raw ids are the labels and ``num_classes = max id + 1`` (torchvision's convention for COCO: 91).
+counting as false positives; dropping them would bias mAP low. Boxes without area are dropped. Category ids,
+sparse in COCO (1..90), are mapped to contiguous labels ``1..K`` in sorted id order unless ``contiguous_labels=False``,
+in which case the raw ids are the labels and ``num_classes = max id + 1`` (torchvision's convention for COCO: 91).
 Images are float ``(3, H, W)`` in ``[0, 1]``; the detector resizes and normalises them.
 """
 

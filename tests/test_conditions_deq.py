@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 from lightning_nd.callbacks import DEQMonitor, DEQWarmup
 from lightning_nd.datamodules.base import ClassificationDataModule
 from lightning_nd.modules import DEQClassifier
+from tests.conditions_helpers import GradNorms, KillAt, Killed, OverflowAt, weights
 from tests.implicit.helpers import TinyDEQNet
 
 TIGHT = {"f_tol": 1e-6, "b_tol": 1e-7, "f_max_iter": 60, "b_max_iter": 60}
@@ -77,10 +78,6 @@ def _fit(model, data, callbacks=None, **kw):
     return trainer
 
 
-def _weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
 class _Probe(Callback):
     """Records the loss and the solver statistics of every training batch."""
 
@@ -94,7 +91,7 @@ class _Probe(Callback):
 
 def test_bf16_mixed():
     model, probe = _model(f_tol=1e-4, b_tol=1e-5), _Probe()
-    start = _weights(model)
+    start = weights(model)
     trainer = _fit(model, TinyData(), [*_callbacks(), probe], max_steps=4, precision="bf16-mixed")
     assert trainer.global_step == 4 and all(torch.isfinite(torch.tensor(probe.losses)))
     solved = [s.forward for s in probe.fwd if s.mode == "equilibrium"]
@@ -103,26 +100,8 @@ def test_bf16_mixed():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
-class _OverflowAt(Callback):
-    """Makes the gradient reaching the DEQ output infinite at one global step (what a too-large loss scale does)."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.weights = step, {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.weights[trainer.global_step] = _weights(pl_module)
-        self.active = trainer.global_step == self.step
-
-    def on_fit_start(self, trainer, pl_module):
-        pl_module.net.deq.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, out):
-        if self.active and out.requires_grad:
-            out.register_hook(lambda g: g * float("inf"))
-
-
 def test_loss_scaler_with_injected_overflow():
-    model, overflow = _model(), _OverflowAt(step=2)
+    model, overflow = _model(), OverflowAt(step=2, layer=lambda m: m.net.deq)
     callbacks = [*_callbacks(), overflow]
     scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():
@@ -130,11 +109,12 @@ def test_loss_scaler_with_injected_overflow():
         trainer = _fit(model, TinyData(), callbacks, max_steps=4,
                        plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)])
     monitor = callbacks[1]
-    assert trainer.global_step == 4 and monitor.stop_reason is None and monitor.scaler_skips_total == 1
+    assert trainer.global_step == 4 and monitor.stop_reason is None
+    assert (monitor.scaler_skips_total, monitor.scaler_skips) == (1, 0)  # one skip, then the count restarts
     assert scaler.get_scale() == 2.0**15  # one skipped step halved the initial 2**16
     w = overflow.weights
     assert all(torch.equal(p, q) for p, q in zip(w[2], w[3]))  # the overflow step changed nothing
-    assert any(not torch.equal(p, q) for p, q in zip(w[3], _weights(model)))  # the next one trained
+    assert any(not torch.equal(p, q) for p, q in zip(w[3], weights(model)))  # the next one trained
 
 
 def test_validation_under_inference_mode():
@@ -157,7 +137,7 @@ def test_persistent_workers_match_in_process_loading():
         trainer = _fit(model, data, max_epochs=2)
         if workers:
             assert trainer.train_dataloader.persistent_workers
-        results.append(_weights(model))
+        results.append(weights(model))
     for p, q in zip(*results):
         assert torch.equal(p, q)
 
@@ -168,48 +148,18 @@ def test_gradient_accumulation_matches_the_full_batch():
         model = _model()
         trainer = _fit(model, TinyData(batch_size=batch_size), max_steps=2, accumulate_grad_batches=accumulate)
         assert trainer.global_step == 2
-        runs.append(_weights(model))
+        runs.append(weights(model))
     # per-sample solves stop on the batch's worst sample, so the iterates differ within the tolerances
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
 
 
-class _GradNorms(Callback):
-    """Total gradient norm before clipping (``on_before_optimizer_step``) and as the optimizer used it."""
-
-    def __init__(self) -> None:
-        self.before, self.after = [], []
-
-    @staticmethod
-    def _norm(module) -> float:
-        return float(torch.cat([p.grad.double().flatten() for p in module.parameters() if p.grad is not None]).norm())
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.before.append(self._norm(pl_module))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append(self._norm(pl_module))  # gradients are zeroed only before the next backward
-
-
 def test_gradient_clipping_bounds_the_update():
-    norms = _GradNorms()
+    norms = GradNorms()
     _fit(_model(), TinyData(), [*_callbacks(warmup_steps=0), norms], max_steps=2, gradient_clip_val=1e-3,
          gradient_clip_algorithm="norm")
     assert min(norms.before) > 1e-2  # the clip is active (the implicit gradients are larger) ...
     assert norms.after == pytest.approx([1e-3, 1e-3], rel=1e-4)  # ... and the step used the clipped norm
-
-
-class _Killed(Exception):
-    pass
-
-
-class _KillAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Killed  # the process dies here: no final checkpoint, only the periodic ones
 
 
 def test_kill_after_mid_epoch_checkpoint_and_resume(tmp_path):
@@ -221,13 +171,13 @@ def test_kill_after_mid_epoch_checkpoint_and_resume(tmp_path):
         callbacks = [*_callbacks(warmup_steps=4),
                      ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=3, save_top_k=-1)]
         if kill is not None:
-            callbacks.append(_KillAt(kill))
+            callbacks.append(KillAt(kill))
         trainer = _trainer(callbacks, max_epochs=2, enable_checkpointing=True)
         trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, callbacks, trainer
 
     straight, cb_a, _ = run("a")
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         run("b", kill=5)
     ckpt = tmp_path / "b" / "epoch=0-step=3.ckpt"
     assert ckpt.is_file()

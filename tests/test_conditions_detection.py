@@ -4,8 +4,8 @@
 |---|---|---|
 | ``bf16-mixed`` | ``test_bf16_mixed`` | the i-FPN reaches rel tol 1e-3 under bf16 autocast (fp32 solve), finite losses |
 | loss scaler + injected overflow | ``test_loss_scaler_with_injected_overflow`` | the scaler skips that step only, run goes on |
-| validation under inference mode | ``test_validation_under_inference_mode`` | same mAP as under ``no_grad`` |
-| ``num_workers=2`` persistent | ``test_persistent_workers_validation`` | same mAP as in-process, twice on the same workers |
+| validation under inference mode | ``test_validation_under_inference_mode`` | same detections, i-FPN statistics and mAP as under ``no_grad`` |
+| ``num_workers=2`` persistent | ``test_persistent_workers_validation`` | same detections and metrics as in-process, twice on the same workers |
 | ``accumulate_grad_batches=2`` | ``test_gradient_accumulation_steps_every_second_batch`` | weights move on every 2nd batch only |
 | gradient clipping | ``test_gradient_clipping_bounds_the_update`` | the SGD update has exactly the clip norm |
 | kill mid-epoch + resume | ``test_kill_after_mid_epoch_checkpoint_and_resume`` | weights and BN buffers == uninterrupted |
@@ -27,6 +27,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning_nd.callbacks import DEQMonitor
 from lightning_nd.datamodules import ShapesDetectionDataModule
 from lightning_nd.modules import DetectionModule
+from tests.conditions_helpers import GradNorms, KillAt, Killed, OverflowAt, weights
 
 TINY = {"returned_layers": [2, 3], "out_channels": 32, "min_size": 64, "max_size": 64}
 
@@ -49,10 +50,6 @@ def _trainer(callbacks=(), **kw) -> pl.Trainer:
     return pl.Trainer(callbacks=[DEQMonitor(histogram_every_n_epochs=0), *callbacks], **{**opts, **kw})
 
 
-def _weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
 class _Probe(Callback):
     def __init__(self) -> None:
         self.losses, self.stats, self.weights = [], [], []
@@ -60,7 +57,7 @@ class _Probe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
         self.stats.append(pl_module.net.backbone.fpn.last_stats)
-        self.weights.append(_weights(pl_module))
+        self.weights.append(weights(pl_module))
 
 
 def test_bf16_mixed():
@@ -75,26 +72,8 @@ def test_bf16_mixed():
         assert float(stats.forward.rel.max()) < 1e-3 and stats.backward is not None
 
 
-class _OverflowAt(Callback):
-    """The gradient reaching the implicit FPN's equilibrium becomes infinite at one global step."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.active, self.weights = step, False, {}
-
-    def on_fit_start(self, trainer, pl_module):
-        pl_module.net.backbone.fpn.deq.register_forward_hook(self._hook)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.weights[trainer.global_step] = _weights(pl_module)
-        self.active = trainer.global_step == self.step
-
-    def _hook(self, module, args, out):
-        if self.active and out[0].requires_grad:
-            out[0].register_hook(lambda g: g * float("inf"))
-
-
 def test_loss_scaler_with_injected_overflow():
-    model, overflow = _model(), _OverflowAt(step=0)
+    model, overflow = _model(), OverflowAt(step=0, layer=lambda m: m.net.backbone.fpn.deq)
     scaler = torch.amp.GradScaler("cpu")
     trainer = _trainer([overflow], max_steps=2, plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)])
     with warnings.catch_warnings():
@@ -105,30 +84,60 @@ def test_loss_scaler_with_injected_overflow():
     assert scaler.get_scale() == 2.0**15
     w = overflow.weights
     assert all(torch.equal(p, q) for p, q in zip(w[0], w[1]))  # the overflow step changed nothing
-    assert any(not torch.equal(p, q) for p, q in zip(w[1], _weights(model)))
+    assert any(not torch.equal(p, q) for p, q in zip(w[1], weights(model)))
+
+
+class _Detections(Callback):
+    """Every validation detection in order: an untrained detector scores mAP 0 everywhere, so compare these."""
+
+    def __init__(self) -> None:
+        self.detections = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.handle = pl_module.net.register_forward_hook(self._hook)
+
+    def on_validation_end(self, trainer, pl_module):
+        self.handle.remove()
+
+    def _hook(self, module, args, out):
+        self.detections.extend({k: v.clone() for k, v in d.items()} for d in out)
+
+
+def _validate(model, data, **kw) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
+    probe = _Detections()
+    metrics = _trainer([probe], limit_val_batches=None, **kw).validate(model, data, verbose=False)[0]
+    return metrics, probe.detections
+
+
+def _same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+UNFILTERED = {"detector_kwargs": {"score_thresh": 0.0}}  # every candidate box is kept, so there is much to compare
 
 
 def test_validation_under_inference_mode():
-    model, data = _model(), _data()
-    results = [_trainer(inference_mode=mode, limit_val_batches=None).validate(model, data, verbose=False)[0]
-               for mode in (True, False)]
-    assert results[0]["val/map_50"] == results[1]["val/map_50"] and results[0]["val/map"] == results[1]["val/map"]
-    assert 0 < results[0]["deq/val_fwd_steps"] <= 20
+    model, data = _model(**UNFILTERED), _data()
+    (metrics, dets), (metrics_ng, dets_ng) = (_validate(model, data, inference_mode=mode) for mode in (True, False))
+    assert len(dets) == 3 and all(len(d["boxes"]) > 0 for d in dets) and _same(dets, dets_ng)
+    assert metrics == metrics_ng and 0 < metrics["deq/val_fwd_steps"] <= 20  # the i-FPN solve statistics too
 
 
 def test_persistent_workers_validation():
-    model = _model()
-    reference = _trainer(limit_val_batches=None).validate(model, _data(), verbose=False)[0]["val/map"]
+    model = _model(**UNFILTERED)
+    metrics, dets = _validate(model, _data())
     data = _data(num_workers=2)
-    trainer = _trainer(limit_val_batches=None)
-    runs = [trainer.validate(model, data, verbose=False)[0]["val/map"] for _ in range(2)]
-    assert trainer.val_dataloaders.persistent_workers and runs == [reference, reference]
+    probe = _Detections()
+    trainer = _trainer([probe], limit_val_batches=None)
+    runs = [trainer.validate(model, data, verbose=False)[0] for _ in range(2)]
+    assert trainer.val_dataloaders.persistent_workers and runs == [metrics, metrics]
+    assert len(dets) == 3 and _same(probe.detections, dets + dets)  # the same images, twice on the same workers
 
 
 def test_gradient_accumulation_steps_every_second_batch():
     probe = _Probe()
     model = _model()
-    start = _weights(model)
+    start = weights(model)
     trainer = _trainer([probe], max_epochs=1, accumulate_grad_batches=2)
     trainer.fit(model, _data(num_train=8))
     assert trainer.global_step == 2 and len(probe.weights) == 4
@@ -137,41 +146,11 @@ def test_gradient_accumulation_steps_every_second_batch():
     assert moved == [False, True, False, True]
 
 
-class _GradNorms(Callback):
-    """Total gradient norm before clipping (``on_before_optimizer_step``) and as the optimizer used it."""
-
-    def __init__(self) -> None:
-        self.before, self.after = [], []
-
-    @staticmethod
-    def _norm(module) -> float:
-        return float(torch.cat([p.grad.double().flatten() for p in module.parameters() if p.grad is not None]).norm())
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.before.append(self._norm(pl_module))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append(self._norm(pl_module))  # gradients are zeroed only before the next backward
-
-
 def test_gradient_clipping_bounds_the_update():
-    norms = _GradNorms()
+    norms = GradNorms()
     _trainer([norms], max_steps=2, gradient_clip_val=1e-2, gradient_clip_algorithm="norm").fit(_model(), _data())
     assert min(norms.before) > 1e-1  # the clip is active ...
     assert norms.after == pytest.approx([1e-2, 1e-2], rel=1e-4)  # ... and the step used the clipped norm
-
-
-class _Killed(Exception):
-    pass
-
-
-class _KillAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Killed
 
 
 def test_kill_after_mid_epoch_checkpoint_and_resume(tmp_path):
@@ -182,13 +161,13 @@ def test_kill_after_mid_epoch_checkpoint_and_resume(tmp_path):
         model = _model()
         callbacks = [ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=1, save_top_k=-1)]
         if kill is not None:
-            callbacks.append(_KillAt(kill))
+            callbacks.append(KillAt(kill))
         trainer = _trainer(callbacks, max_epochs=2, enable_checkpointing=True)
         trainer.fit(model, _data(), ckpt_path=ckpt_path)
         return model, trainer
 
     straight, _ = run("a")
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         run("b", kill=3)
     resumed, trainer = run("b", ckpt_path=tmp_path / "b" / "epoch=0-step=1.ckpt")
     assert trainer.global_step == 4

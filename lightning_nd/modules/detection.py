@@ -232,7 +232,7 @@ class CocoMeanAveragePrecision(MeanAveragePrecision):
     def update(self, preds: list[dict[str, torch.Tensor]], target: list[dict[str, torch.Tensor]]) -> None:
         super().update(preds, target)
         for t in target:
-            image_id = t.get("image_id", torch.tensor(-1))
+            image_id = torch.as_tensor(t.get("image_id", -1))  # a tensor, or an int as torchvision's wrappers give
             self.image_ids.append(image_id.reshape(1).to(device=t["labels"].device, dtype=torch.int64))
 
     @override

@@ -97,3 +97,29 @@ def test_unrolled_warmup_batches_do_not_dilute_the_unconverged_share():
     trainer = _trainer([DEQWarmup(warmup_steps=2, unroll_layers=2), monitor], max_epochs=1)
     trainer.fit(model, train)
     assert float(trainer.logged_metrics["deq/unconverged_share"]) == 1.0  # 2 of 2 solved batches, not 2 of 4
+
+
+def test_sync_batchnorm_in_a_deq_cell_fails_at_fit_start_not_after_the_warmup():
+    """The DEQ refuses SyncBatchNorm at its first multi-process equilibrium forward: after the whole warm-up.
+
+    (SyncBatchNorm needs GPUs; the check reads only ``trainer.world_size``, given here by a stand-in trainer.)
+    """
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class BNCell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, z, x):
+            return torch.tanh(self.bn(self.conv(z)) + x)
+
+    warm = DEQWarmup(warmup_steps=100)
+    model = DEQClassifier(TinyDEQNet(cell=BNCell()), num_classes=3)
+    warm.on_fit_start(SimpleNamespace(world_size=2), model)  # plain BatchNorm: each rank normalises its own batch
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    warm.on_fit_start(SimpleNamespace(world_size=1), model)  # one process: SyncBatchNorm acts as BatchNorm
+    with pytest.raises(MisconfigurationException, match=r"SyncBatchNorm \['net.deq.cell.bn'\] on 2 processes"):
+        warm.on_fit_start(SimpleNamespace(world_size=2), model)

@@ -336,7 +336,10 @@ def test_frozen_layer_runs_no_adjoint_solve():
     head(out.mean(dim=(2, 3))).sum().backward()
     assert frozen.backward_solves == 0 and frozen.last_stats.backward is None and head.weight.grad is not None
     x.requires_grad_()  # now the input needs the implicit gradient
-    frozen(x).sum().backward()
+    full = frozen(x)
+    full.sum().backward()
     assert frozen.backward_solves == 1 and x.grad is not None and cell.conv.weight.grad is None
+    assert torch.equal(out, full.detach())  # the shortcut returns the same f(z*, x) as the full path
+    assert float((cell(out, x) - out).abs().max()) < 1e-5  # ... an equilibrium, not one step from z0 = 0
     opaque(torch.randn(2, 3, 4, 4)).sum().backward()
     assert opaque.backward_solves == 1
