@@ -1,30 +1,42 @@
-"""MDEQ-tiny against a ResNet of similar parameter count on Fashion-MNIST: accuracy, parameters, time per epoch.
+"""MDEQ-tiny against a ResNet of the same parameter count on Fashion-MNIST: accuracy, time per step, solver work.
 
-Both networks use a stride-2 stem (14x14 features), Adam (lr 2e-3), batch 64, the same training subset and epochs;
-the MDEQ runs the configuration of ``configs/implicit/mdeq_tiny_fashion.yaml`` (Anderson, rel tol 1e-2, 12 forward
-and 12 backward steps, exact implicit gradient, 100 unrolled warm-up steps). Accuracy is measured on the official
-10,000-image test set (``--test-subset`` to shorten). Results go to a markdown table.
+Both networks (stride-2 stem, 14x14 and 7x7 features, ~24k parameters) are trained **in lockstep in one process**:
+every step feeds the same batch to each model in turn and times each, so the fluctuating load of a shared machine
+hits both alike and the reported ratios come from interleaved timings. Adam 2e-3 with cosine decay, batch 64, the
+same seeded subset, order and epoch budget for both; accuracy on the official 10,000-image test set after every
+epoch (inference timed per batch, interleaved as well). The MDEQ follows a *recipe* (``RECIPES``): its solver,
+tolerances and caps, backward mode, unrolled warm-up and Jacobian-regularisation schedule (``fast`` is the one of
+``configs/implicit/mdeq_tiny_fashion.yaml``, ``baseline`` the one before issue 15). The first epoch holds the unrolled
+warm-up; the step time reported is the median after it. At the end the final models are evaluated with other
+test-time forward caps (accuracy against inference cost).
 
-    python benchmarks/deq_fashion.py [--quick] [--train-subset 6000] [--epochs 3]
+    python benchmarks/deq_fashion.py --quick                     # smoke run (1,000 images, 1 epoch, 1 seed)
+    python benchmarks/deq_fashion.py --train-subset 20000 --epochs 3 --seeds 0 1 2 --recipes fast phantom
+    # the same, one process per seed, then one report:
+    #   ... --seeds 0 --raw /tmp/s0.json (and 1, 2), then ... --merge /tmp/s0.json /tmp/s1.json /tmp/s2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_nd.callbacks import DEQMonitor, DEQWarmup
-from lightning_nd.datamodules import FashionMNISTDataModule
-from lightning_nd.modules import DEQClassifier, ImageClassifier
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS_DIR, write_results
 
-MDEQ_TINY = {
+from lightning_nd.datamodules.fashion_mnist import DEBIAN_DIR, read_idx
+from lightning_nd.implicit import MDEQ, JacobianSchedule
+
+MDEQ_TINY: dict[str, Any] = {
     "channels": [8, 16],
     "head_channels": [4, 8],
     "final_channels": 64,
@@ -32,11 +44,43 @@ MDEQ_TINY = {
     "groups": 4,
     "dropout": 0.1,
     "downsample": 1,
-    "deq": {
-        "f_solver": "anderson", "f_max_iter": 12, "f_tol": 1e-2, "f_stop_mode": "rel",
-        "b_solver": "anderson", "b_max_iter": 12, "b_tol": 1e-2, "b_stop_mode": "rel",
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "baseline": {
+        "deq": {"f_solver": "anderson", "f_max_iter": 12, "f_tol": 1e-2, "f_stop_mode": "rel",
+                "b_solver": "anderson", "b_max_iter": 12, "b_tol": 1e-2, "b_stop_mode": "rel"},
+        "warmup_steps": 100, "unroll_layers": 4, "jac": None,
+        "note": "before issue 15: Anderson 12 / 12 at rel 1e-2, exact implicit gradient, 100 unrolled warm-up "
+                "steps, no Jacobian regularisation.",
     },
 }
+
+
+def add_recipe(name: str, note: str, base: str = "baseline", jac: JacobianSchedule | None = None,
+               **deq: Any) -> None:
+    recipe = dict(RECIPES[base])
+    recipe["deq"] = {**RECIPES[base]["deq"], **deq}
+    recipe["jac"] = jac if jac is not None else RECIPES[base]["jac"]
+    recipe["note"] = note
+    RECIPES[name] = recipe
+
+
+JAC = JacobianSchedule(weight=2.0, prob=0.25, cap_jitter=2, seed=0)
+add_recipe("jr", "baseline + Jacobian regularisation (weight 2.0, probability 0.25, forward-cap jitter -2..+1).",
+           jac=JAC)
+add_recipe("fast", "Jacobian regularisation (weight 2.0, p 0.25, cap jitter -2..+1), Anderson forward 6 at rel "
+           "2e-2 (test-time cap 6), Anderson adjoint 5 at rel 2e-2, exact implicit gradient.",
+           jac=JAC, f_max_iter=6, f_tol=2e-2, eval_f_max_iter=6, b_max_iter=5, b_tol=2e-2)
+add_recipe("phantom", "the fast recipe with a 2-step phantom gradient (tau 0.7) instead of the adjoint solve.",
+           base="fast", backward="phantom", phantom_steps=2, phantom_tau=0.7)
+
+
+EVAL_CAPS = (2, 4, 6, 8)  # forward caps at test time swept on the final models
+
+
+def build_mdeq(recipe: dict[str, Any]) -> MDEQ:
+    return MDEQ(num_classes=10, in_chans=1, **MDEQ_TINY, deq={**recipe["deq"], "unroll_layers": recipe["unroll_layers"]})
 
 
 class _Basic(nn.Module):
@@ -69,78 +113,305 @@ class SmallResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
-class EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
+def load_fashion(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images (N, 1, 28, 28) and labels of the official train or test split (Debian package files)."""
+    prefix = "train" if split == "train" else "t10k"
+    folder = Path(DEBIAN_DIR)
+    images = read_idx(next(folder.glob(f"{prefix}-images-idx3-ubyte*")))
+    labels = read_idx(next(folder.glob(f"{prefix}-labels-idx1-ubyte*")))
+    x = (torch.from_numpy(images.copy()).float() / 255.0 - 0.2860) / 0.3530
+    return x[:, None], torch.from_numpy(labels.copy()).long()
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.times.append(time.perf_counter() - self._t)
+def fashion_batches(batch_size: int, steps: int, seed: int = 0):
+    """``steps`` random training batches (used by deq_profile.py)."""
+    x, y = load_fashion("train")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(y), (batch_size,), generator=gen)
+        yield x[idx], y[idx]
 
 
-def run(name: str, module: pl.LightningModule, callbacks: list, args: argparse.Namespace) -> dict:
-    pl.seed_everything(0)
-    data = FashionMNISTDataModule(batch_size=64, train_subset=args.train_subset, val_size=5000, eval_batch_size=250)
-    timer = EpochTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer, *callbacks],
-        limit_test_batches=args.test_subset // 250 if args.test_subset else 1.0,
-    )
-    trainer.fit(module, datamodule=data)
-    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
-    row = {
-        "model": name,
-        "params": sum(p.numel() for p in module.parameters()),
-        "epoch_s": sum(timer.times) / len(timer.times),
-        "acc": metrics["test/acc"],
-    }
-    deq = getattr(getattr(module, "net", None), "deq", None)
-    if deq is not None and deq.last_stats is not None:
-        fwd = deq.last_stats.forward
-        row["deq"] = f"test fwd steps {fwd.nfe}, rel residual mean {float(fwd.rel.mean()):.3g}"
-    return row
+class Trainee:
+    """One model in the lockstep run: its optimizer, schedule, and per-step measurements."""
+
+    def __init__(self, name: str, net: nn.Module, recipe: dict[str, Any] | None, total_steps: int) -> None:
+        self.name, self.net, self.recipe = name, net, recipe
+        self.opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
+        self.step = 0
+        self.step_s: list[float] = []
+        self.warm: list[bool] = []  # per step: an unrolled warm-up step
+        self.nfe: list[tuple[int, int]] = []
+        self.epochs: list[dict[str, float]] = []
+
+    @property
+    def deq(self):
+        return getattr(self.net, "deq", None)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.net.train()
+        weight, deq = 0.0, self.deq
+        t0 = time.perf_counter()
+        if deq is not None:  # what DEQWarmup and DEQClassifier do in a Lightning run
+            warm = self.step < self.recipe["warmup_steps"]
+            deq.mode = "unrolled" if warm else "equilibrium"
+            jac: JacobianSchedule | None = self.recipe["jac"]
+            active = jac is not None and jac.active(self.step, 0, warm)
+            deq.jac_reg = active
+            if active:
+                weight = jac.weight_at(self.step, warm)
+                deq.f_max_iter_delta = jac.cap_delta(self.step, 0, warm)
+        loss = F.cross_entropy(self.net(images), labels)
+        if weight and deq.jac_loss is not None:
+            loss = loss + weight * deq.jac_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step_s.append(time.perf_counter() - t0)
+        self.warm.append(deq is not None and deq.mode == "unrolled")
+        if deq is not None:
+            deq.jac_reg, deq.f_max_iter_delta = False, 0
+            st = deq.last_stats
+            if st.mode == "equilibrium":
+                self.nfe.append((st.forward.nfe, st.backward.nfe if st.backward is not None else 0))
+        self.step += 1
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
+        """Test accuracy, median seconds per inference batch, mean forward evaluations."""
+        self.net.eval()
+        if self.deq is not None:
+            self.deq.mode = "equilibrium"
+        correct, times, nfe = 0, [], []
+        for lo in range(0, len(y), batch_size):
+            t0 = time.perf_counter()
+            logits = self.net(x[lo : lo + batch_size])
+            times.append(time.perf_counter() - t0)
+            correct += int((logits.argmax(1) == y[lo : lo + batch_size]).sum())
+            if self.deq is not None:
+                nfe.append(self.deq.last_stats.forward.nfe)
+        return correct / len(y), statistics.median(times), statistics.mean(nfe) if nfe else 0.0
+
+
+def run_seed(seed: int, recipes: list[str], args: argparse.Namespace, train, test) -> dict[str, list[dict]]:
+    x_train, y_train = train
+    gen = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(y_train), generator=gen)[: args.train_subset]
+    steps_per_epoch = len(subset) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    trainees = []
+    torch.manual_seed(seed)
+    trainees.append(Trainee("ResNet", SmallResNet(), None, total))
+    for name in recipes:
+        torch.manual_seed(seed)
+        trainees.append(Trainee(f"MDEQ-tiny ({name})", build_mdeq(RECIPES[name]), RECIPES[name], total))
+    for epoch in range(args.epochs):
+        order = subset[torch.randperm(len(subset), generator=gen)]
+        t_epoch = {t.name: len(t.step_s) for t in trainees}
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+            images, labels = x_train[idx], y_train[idx]
+            for t in trainees:
+                t.train_step(images, labels)
+            if (i + 1) % 50 == 0:
+                print(f"seed {seed} epoch {epoch + 1} step {i + 1}/{steps_per_epoch}: " + ", ".join(
+                    f"{t.name} {1000 * statistics.median(t.step_s[-50:]):.0f} ms"
+                    + (f" nfe {t.nfe[-1][0]}/{t.nfe[-1][1]}" if t.nfe else "") for t in trainees), flush=True)
+        x_test, y_test = test
+        for t in trainees:
+            acc, infer_s, eval_nfe = t.evaluate(x_test[: args.test_subset], y_test[: args.test_subset], 250)
+            steps = t.step_s[t_epoch[t.name] :]
+            solved = [dt for dt, w in zip(steps, t.warm[t_epoch[t.name] :]) if not w] or steps
+            nfe = t.nfe[-steps_per_epoch:]
+            t.epochs.append({
+                "epoch": epoch + 1, "acc": acc, "epoch_train_s": sum(steps),
+                "step_ms": 1000 * statistics.median(solved),  # median over the epoch's steps after the warm-up
+                "infer_ms": 1000 * infer_s, "eval_nfe": eval_nfe,
+                "f_nfe": statistics.mean(f for f, _ in nfe) if nfe else 0.0,
+                "b_nfe": statistics.mean(b for _, b in nfe) if nfe else 0.0,
+                "params": sum(p.numel() for p in t.net.parameters()),
+            })
+            print(f"seed {seed} epoch {epoch + 1} {t.name}: acc {100 * acc:.2f} % step {t.epochs[-1]['step_ms']:.0f} ms "
+                  f"infer {t.epochs[-1]['infer_ms']:.0f} ms / 250 nfe {t.epochs[-1]['f_nfe']:.1f}/"
+                  f"{t.epochs[-1]['b_nfe']:.1f} eval nfe {eval_nfe:.1f}", flush=True)
+    # accuracy against the inference budget of the final models: the forward cap at test time, swept
+    x_test, y_test = x_test[: args.sweep_subset], y_test[: args.sweep_subset]
+    for t in trainees:
+        if t.deq is None:
+            continue
+        original, t.sweep = t.deq.config.eval_f_max_iter, []
+        for cap in EVAL_CAPS:
+            t.deq.config.eval_f_max_iter = cap
+            acc, infer_s, nfe = t.evaluate(x_test, y_test, 250)
+            _, ref_s, _ = trainees[0].evaluate(x_test, y_test, 250)
+            t.sweep.append({"cap": cap, "acc": acc, "infer_ratio": infer_s / ref_s, "nfe": nfe})
+        t.deq.config.eval_f_max_iter = original
+        t.epochs[-1]["sweep"] = t.sweep
+    return {t.name: t.epochs for t in trainees}
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def report(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace, command: str) -> tuple[str, list]:
+    seeds = sorted(results)
+    names = list(results[seeds[0]])
+    base = "ResNet"
+    lines = [
+        "# MDEQ-tiny vs ResNet on Fashion-MNIST",
+        "",
+        f"`{command}`",
+        "",
+        f"Fashion-MNIST, {args.train_subset:,} training images (seeded subset), {args.epochs} epochs, batch "
+        f"{args.batch_size}, Adam 2e-3 with cosine decay, seeds {seeds}; accuracy on {args.test_subset:,} official "
+        "test images. All models trained in lockstep in one process (interleaved timing, 1 torch thread) on a "
+        "**2-core CPU shared with other jobs**: absolute times are noisy, the ratios to the ResNet timed in the same "
+        "run are the result. Values are mean (min-max) over seeds.",
+        "",
+        "Recipes: " + "; ".join(f"`{n}`: {RECIPES[n]['note']}" for n in args.recipes),
+        "",
+        "## Final epoch",
+        "",
+        "Train step: median over the epoch's steps after the MDEQ's unrolled warm-up.",
+        "",
+        "| model | params | test acc % | train step ms | x ResNet | inference ms / 250 | x ResNet "
+        "| solver evals fwd / bwd (train) | fwd evals (test) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    glance = []
+    for name in names:
+        last = [results[s][name][-1] for s in seeds]
+        ref = [results[s][base][-1] for s in seeds]
+        ratio_step = [r["step_ms"] / b["step_ms"] for r, b in zip(last, ref)]
+        ratio_inf = [r["infer_ms"] / b["infer_ms"] for r, b in zip(last, ref)]
+        acc = [100 * r["acc"] for r in last]
+        lines.append(
+            f"| {name} | {last[0]['params']:,} | {spread(acc)} | {spread([r['step_ms'] for r in last], '{:.0f}')} "
+            f"| {spread(ratio_step)} | {spread([r['infer_ms'] for r in last], '{:.0f}')} | {spread(ratio_inf)} "
+            f"| {spread([r['f_nfe'] for r in last], '{:.1f}')} / {spread([r['b_nfe'] for r in last], '{:.1f}')} "
+            f"| {spread([r['eval_nfe'] for r in last], '{:.1f}')} |"
+        )
+        if name != base:
+            gap = [a - 100 * b["acc"] for a, b in zip(acc, ref)]
+            glance += [
+                {"family": "DEQ", "what": f"{name}: train step / ResNet step (Fashion-MNIST, batch 64, CPU)",
+                 "value": f"{statistics.mean(ratio_step):.2f}x", "spread": f"{min(ratio_step):.2f}x-"
+                 f"{max(ratio_step):.2f}x over {len(seeds)} seeds", "target": "<= 4x"},
+                {"family": "DEQ", "what": f"{name}: inference / ResNet inference",
+                 "value": f"{statistics.mean(ratio_inf):.2f}x", "spread": f"{min(ratio_inf):.2f}x-"
+                 f"{max(ratio_inf):.2f}x over {len(seeds)} seeds", "target": "<= 5x"},
+                {"family": "DEQ", "what": f"{name}: test accuracy minus ResNet's ({args.epochs} epochs, "
+                 f"{args.train_subset:,} images)", "value": f"{statistics.mean(gap):+.2f} points",
+                 "spread": f"{min(gap):+.2f} to {max(gap):+.2f} over {len(seeds)} seeds", "target": ">= -0.5"},
+            ]
+    lines += ["", "## Per epoch (time to accuracy)", "",
+              "Epoch 1 holds the MDEQ's unrolled warm-up steps. Cumulative training seconds (sum of the timed "
+              "steps) and test accuracy after each epoch, mean over seeds.", "",
+              "| model | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |",
+              "|---|" + "---|" * args.epochs]
+    for name in names:
+        cells = []
+        for e in range(args.epochs):
+            cum = statistics.mean(sum(r["epoch_train_s"] for r in results[s][name][: e + 1]) for s in seeds)
+            acc = statistics.mean(100 * results[s][name][e]["acc"] for s in seeds)
+            cells.append(f"{cum:.0f} s, {acc:.2f} %")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Accuracy against the test-time forward cap (final models)", "",
+              f"The same trained models evaluated with other forward caps (`eval_f_max_iter`) on {args.sweep_subset:,} "
+              "test images; inference time as a ratio to the ResNet's, timed alternately in the same run. Mean over "
+              "seeds.", "",
+              "| model | " + " | ".join(f"cap {c}" for c in EVAL_CAPS) + " |", "|---|" + "---|" * len(EVAL_CAPS)]
+    for name in names:
+        sweeps = [results[s][name][-1].get("sweep") for s in seeds]
+        if not all(sweeps):
+            continue
+        cells = []
+        for i, _ in enumerate(EVAL_CAPS):
+            acc = statistics.mean(100 * sw[i]["acc"] for sw in sweeps)
+            ratio = statistics.mean(sw[i]["infer_ratio"] for sw in sweeps)
+            cells.append(f"{acc:.2f} % at {ratio:.1f}x")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), glance
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 training images, 1 epoch, 1,000 test images")
-    parser.add_argument("--train-subset", type=int, default=6000)
+    parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--test-subset", type=int, default=0, help="test images (multiple of 250); 0 = all 10,000")
-    parser.add_argument("--out", default="benchmarks/results/deq_fashion.md")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test-subset", type=int, default=10000)
+    parser.add_argument("--sweep-subset", type=int, default=5000, help="test images for the test-time cap sweep")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", default=["fast", "phantom"], choices=sorted(RECIPES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="deq_fashion", help="results file stem")
+    parser.add_argument("--raw", default=None, help="also dump the per-epoch rows as JSON here")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="write the report from --raw dumps of runs with the same settings (seeds run in parallel)")
     args = parser.parse_args()
+    if args.raw and Path(args.raw).resolve() == (RESULTS_DIR / f"{args.name}.json").resolve():
+        parser.error(f"--raw {args.raw} is the results JSON that --name {args.name} writes; pick another path")
     if args.quick:
-        args.train_subset, args.epochs, args.test_subset = 1000, 1, 1000
-    adam = lambda p: torch.optim.Adam(p, lr=2e-3)  # noqa: E731
-    rows = [
-        run("ResNet (2 basic blocks)", ImageClassifier(SmallResNet(), num_classes=10, in_chans=1, optimizer=adam), [], args),
-        run(
-            "MDEQ-tiny",
-            DEQClassifier(num_classes=10, in_chans=1, model_kwargs=MDEQ_TINY, optimizer=adam),
-            [DEQWarmup(warmup_steps=100, unroll_layers=4), DEQMonitor(histogram_every_n_epochs=0)],
-            args,
-        ),
-    ]
-    test_n = args.test_subset or 10000
-    lines = [
-        f"Fashion-MNIST, {args.train_subset} training images (subset), {args.epochs} epochs, batch 64, Adam 2e-3; "
-        f"accuracy on {test_n} test images.",
-        "",
-        "| model | params | time / epoch (s) | test acc | notes |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['model']} | {r['params']:,} | {r['epoch_s']:.1f} | {100 * r['acc']:.2f} % | {r.get('deq', '')} |"
-        for r in rows
-    ]
-    text = "\n".join(lines)
+        args.train_subset, args.epochs, args.test_subset, args.seeds = 1000, 1, 1000, args.seeds[:1]
+        args.sweep_subset = 500
+    torch.set_num_threads(args.threads)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            results.update({int(k): v for k, v in json.loads(Path(path).read_text()).items()})
+        args.seeds = sorted(results)
+        command = (f"python benchmarks/deq_fashion.py --train-subset {args.train_subset} --epochs {args.epochs} "
+                   f"--seeds {' '.join(map(str, args.seeds))} --recipes {' '.join(args.recipes)} (seeds run as "
+                   "parallel processes, merged with --raw/--merge)")
+    else:
+        train, test = load_fashion("train"), load_fashion("test")
+        results = {seed: run_seed(seed, args.recipes, args, train, test) for seed in args.seeds}
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(results, indent=1))
+    text, glance = report(results, args, command)
+    picture = plot_time_to_accuracy(results, RESULTS_DIR / args.name)
+    if picture is not None:
+        text += f"\n\n![time to accuracy]({picture.name})\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# MDEQ-tiny vs ResNet on Fashion-MNIST\n\n" + text + "\n")
+    write_results(args.name, text, command=command, glance=glance)
+
+
+def plot_time_to_accuracy(results: dict[int, dict[str, list[dict]]], stem: Path) -> Path | None:
+    """Test accuracy against cumulative training seconds, one line per model and seed (``<stem>.png``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional for the benchmark
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(next(iter(results.values())))
+    for color, name in zip(("black", "tab:blue", "tab:orange", "tab:green", "tab:red"), names):
+        for k, seed in enumerate(sorted(results)):
+            rows = results[seed][name]
+            xs, total = [], 0.0
+            for r in rows:
+                total += r["epoch_train_s"]
+                xs.append(total)
+            ax.plot(xs, [100 * r["acc"] for r in rows], "o-", color=color, alpha=0.8, label=name if k == 0 else None)
+    ax.set_xlabel("cumulative training time (s, shared 2-core CPU)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST: time to accuracy (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = stem.with_suffix(".png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """FPN vs implicit FPN (i-FPN) in a torchvision RetinaNet on synthetic shapes, at the same training budget.
 
 Both detectors share everything but the neck: a from-scratch ResNet-18 truncated after ``layer3`` (C3, C4),
-P6/P7 extra levels, a GroupNorm RetinaNet head, 64 pyramid channels, the same seed, data order, optimizer and
-number of steps. Reported per neck: COCO mAP / mAP@50 on held-out images (pycocotools thresholds), neck and total
+P6/P7 extra levels, a GroupNorm RetinaNet head, 64 pyramid channels, the same data order, optimizer and number of
+steps, and the same **initial weights** for every module they have in common (backbone, lateral 1x1 projections,
+P6/P7 and head are copied from the first detector into the others and checked equal). Reported per neck: COCO mAP / mAP@50 on held-out images (pycocotools thresholds), neck and total
 parameters, forward and backward solver evaluations of the i-FPN (mean over training steps), and time per training
 step and per evaluated image (medians; the ratio against FPN measured in the same run is the meaningful number).
 
@@ -10,33 +11,65 @@ Usage::
 
     python benchmarks/ifpn_shapes.py            # the full run (15-30 min on a shared 2-core CPU)
     python benchmarks/ifpn_shapes.py --quick    # a smoke run (about a minute)
+    python benchmarks/ifpn_shapes.py --necks fpn,ifpn,ifpn_before   # also the i-FPN settings before issue 15
+
+Neck names: ``fpn`` (torchvision), ``ifpn`` (``ImplicitFPN`` defaults), ``ifpn_before`` (the defaults before
+issue 15: Anderson 20 / 20 at relative tolerance 1e-3), ``ifpn_phantom`` (the defaults with a 2-step phantom
+gradient, tau 0.7, instead of the adjoint solve).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS_DIR, write_results
 
 from lightning_nd.datamodules import ShapesDetectionDataModule
 from lightning_nd.datamodules.shapes_detection import detection_collate
 from lightning_nd.modules.detection import build_detector, coco_map
+
+NECK_KWARGS = {
+    "fpn": ("fpn", {}),
+    "ifpn": ("ifpn", {}),
+    "ifpn_before": ("ifpn", {"f_solver": "anderson", "f_max_iter": 20, "f_tol": 1e-3, "f_stop_mode": "rel",
+                             "b_solver": "anderson", "b_max_iter": 20, "b_tol": 1e-3, "b_stop_mode": "rel"}),
+    "ifpn_phantom": ("ifpn", {"backward": "phantom", "phantom_steps": 2, "phantom_tau": 0.7}),
+}
+SHARED = ("backbone.body", "backbone.fpn.inner_blocks", "backbone.fpn.extra_blocks", "head")
 
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def share_initial_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy every module the two detectors have in common (all but the neck's fusion) from ``src`` into ``dst``."""
+    for path in SHARED:
+        a, b = src.get_submodule(path), dst.get_submodule(path)
+        b.load_state_dict(a.state_dict())
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            if not torch.equal(x, y):
+                raise RuntimeError(f"{path}.{name} differs after copying")
+
+
 class Runner:
     """One detector, its optimizer and its measurements."""
 
     def __init__(self, neck: str, args: argparse.Namespace) -> None:
-        torch.manual_seed(args.seed)  # same initial backbone and head weights for every neck
+        torch.manual_seed(args.seed)
         self.neck = neck
-        self.net = build_detector("retinanet", num_classes=4, backbone="resnet18", neck=neck, returned_layers=[2, 3],
-                                  out_channels=64, min_size=args.image_size, max_size=args.image_size)
+        kind, kwargs = NECK_KWARGS[neck]
+        self.net = build_detector("retinanet", num_classes=4, backbone="resnet18", neck=kind, returned_layers=[2, 3],
+                                  out_channels=64, min_size=args.image_size, max_size=args.image_size,
+                                  neck_kwargs=kwargs)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=1e-4)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=args.steps,
                                                          pct_start=0.1)
@@ -97,6 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                      seed=args.seed)
     train, val = data.dataset("train"), data.dataset("val")
     runners = [Runner(neck, args) for neck in args.necks.split(",")]
+    for r in runners[1:]:
+        share_initial_weights(runners[0].net, r.net)
     order = torch.Generator().manual_seed(args.seed)
     perm: list[int] = []
     for step in range(args.steps):
@@ -113,6 +148,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return {r.neck: r.evaluate(val, args.batch_size) for r in runners}
 
 
+def table(rows: dict[str, dict[str, float]]) -> list[str]:
+    base = rows.get("fpn")
+    out = ["| neck | mAP | mAP@50 | neck params | total params | solver NFE fwd / bwd (train) | NFE (eval) "
+           "| s / train step | ms / image (eval) | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for neck, r in rows.items():
+        ratio = f" ({r['step_s'] / base['step_s']:.2f}x)" if base and neck != "fpn" else ""
+        ratio_e = f" ({r['eval_s'] / base['eval_s']:.2f}x)" if base and neck != "fpn" else ""
+        nfe = f"{r['f_nfe']:.1f} / {r['b_nfe']:.1f}" if r["f_nfe"] else "-"
+        out.append(f"| {neck} | {r['map']:.3f} | {r['map_50']:.3f} | {r['neck_params']:,} | {r['total_params']:,} "
+                   f"| {nfe} | {r['eval_nfe']:.1f} | {r['step_s']:.3f}{ratio} | {1000 * r['eval_s']:.1f}{ratio_e} "
+                   f"| {r['final_loss']:.3f} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -122,28 +171,74 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=None, help="validation images (default 200, quick 8)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--necks", default="fpn,ifpn")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--necks", default="fpn,ifpn", help=f"comma-separated, from {sorted(NECK_KWARGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared CPU)")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--name", default="ifpn_shapes", help="results file stem")
+    parser.add_argument("--raw", default=None, help="also dump the rows per seed as JSON here")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="write the report from --raw dumps of runs with the same settings (seeds run in parallel)")
     args = parser.parse_args()
+    if args.raw and Path(args.raw).resolve() == (RESULTS_DIR / f"{args.name}.json").resolve():
+        parser.error(f"--raw {args.raw} is the results JSON that --name {args.name} writes; pick another path")
+    unknown = sorted(set(args.necks.split(",")) - set(NECK_KWARGS))
+    if unknown:
+        parser.error(f"unknown neck(s) {unknown}; choose from {sorted(NECK_KWARGS)}")
     args.steps = args.steps or (20 if args.quick else 1200)
     args.num_val = args.num_val or (8 if args.quick else 200)
     torch.set_num_threads(args.threads)
-    rows = run(args)
-    base = rows.get("fpn")
-    print(f"\nRetinaNet, ResNet-18 to layer3 (from scratch), 64 channels, {args.image_size}px shapes, batch "
-          f"{args.batch_size}, {args.steps} AdamW steps (one-cycle lr {args.lr}), {args.num_val} val images\n")
-    print("| neck | mAP | mAP@50 | neck params | total params | solver NFE fwd / bwd (train) | NFE (eval) "
-          "| s / train step | ms / image (eval) | final loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for neck, r in rows.items():
-        ratio = f" ({r['step_s'] / base['step_s']:.2f}x)" if base and neck != "fpn" else ""
-        ratio_e = f" ({r['eval_s'] / base['eval_s']:.2f}x)" if base and neck != "fpn" else ""
-        nfe = f"{r['f_nfe']:.1f} / {r['b_nfe']:.1f}" if r["f_nfe"] else "-"
-        print(f"| {neck} | {r['map']:.3f} | {r['map_50']:.3f} | {r['neck_params']:,} | {r['total_params']:,} | {nfe} "
-              f"| {r['eval_nfe']:.1f} | {r['step_s']:.3f}{ratio} | {1000 * r['eval_s']:.1f}{ratio_e} "
-              f"| {r['final_loss']:.3f} |")
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    lines = [
+        "# FPN vs implicit FPN (i-FPN) on synthetic shapes", "", f"`{command}`", "",
+        f"RetinaNet, ResNet-18 to layer3 (from scratch), 64 channels, {args.image_size}px shapes "
+        f"({args.num_train:,} train, {args.num_val} held-out val), batch {args.batch_size}, {args.steps} AdamW steps "
+        f"(one-cycle, peak lr {args.lr}, weight decay 1e-4, grad-norm clip 10), {args.threads} torch thread(s). "
+        "All necks are trained in lockstep in one process (same batch, one step each in turn) from the same initial "
+        "weights for every shared module (backbone, laterals, P6/P7, head); only ratios within a row are meaningful "
+        "on this **2-core CPU shared with other jobs**. mAP = COCO mAP@[.5:.95] (torchmetrics, pycocotools "
+        "thresholds). Necks: `ifpn` = `ImplicitFPN` defaults (Anderson 12 / 12 at rel 1e-2); `ifpn_before` = "
+        "Anderson 20 / 20 at rel 1e-3 (the defaults before issue 15); `ifpn_phantom` = the defaults with a 2-step "
+        "phantom gradient (tau 0.7).",
+    ]
+    ratios: dict[str, list[float]] = {}
+    maps: dict[str, list[float]] = {}
+    per_seed: dict[int, tuple[dict, float]] = {}
+    if args.merge:
+        for path in args.merge:
+            per_seed.update({int(k): tuple(v) for k, v in json.loads(Path(path).read_text()).items()})
+        args.seeds = sorted(per_seed)
+        command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps} --necks {args.necks} --seeds "
+                   f"{' '.join(map(str, args.seeds))}")
+        lines[2] = f"`{command}` (seeds run as parallel processes, merged with --raw/--merge)"
+    for seed in args.seeds:
+        if seed not in per_seed:
+            args.seed = seed
+            t0 = time.perf_counter()
+            per_seed[seed] = (run(args), (time.perf_counter() - t0) / 60)
+            if args.raw:
+                Path(args.raw).write_text(json.dumps(per_seed))
+        rows, minutes = per_seed[seed]
+        lines += ["", f"## seed {seed} (wall time {minutes:.0f} min)", "", *table(rows)]
+        print("\n".join(lines[-len(rows) - 2 :]), flush=True)
+        for neck, r in rows.items():
+            if neck != "fpn" and "fpn" in rows:
+                ratios.setdefault(neck, []).append(r["step_s"] / rows["fpn"]["step_s"])
+                maps.setdefault(neck, []).append(r["map"] - rows["fpn"]["map"])
+    glance = []
+    for neck, values in ratios.items():
+        spread = f"{min(values):.2f}x-{max(values):.2f}x over {len(values)} seed(s)"
+        gap = maps[neck]
+        glance += [
+            {"family": "i-FPN", "what": f"{neck} train step / FPN train step (RetinaNet, shapes, CPU)",
+             "value": f"{statistics.mean(values):.2f}x", "spread": spread, "target": "<= 1.15x"},
+            {"family": "i-FPN", "what": f"{neck} mAP minus FPN mAP ({args.steps} steps)",
+             "value": f"{statistics.mean(gap):+.3f}", "spread": f"{min(gap):+.3f} to {max(gap):+.3f} over "
+             f"{len(gap)} seed(s)", "target": "no loss"},
+        ]
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.name, text, command=command, glance=glance)
 
 
 if __name__ == "__main__":

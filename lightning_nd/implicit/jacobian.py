@@ -4,7 +4,10 @@ The auxiliary loss is the Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` (:func:
 :class:`~lightning_nd.implicit.DEQ` when its ``jac_reg`` flag is on). It is expensive (a double
 backward), so locuslab/deq applies it stochastically (probability ``JAC_LOSS_FREQ`` per step), with a weight that grows
 by ``+0.1`` every ``JAC_INCREMENTAL`` steps after the warm-up, switched off after ``JAC_STOP_EPOCH``, and a separate
-weight during the unrolled warm-up (``PRETRAIN_JAC_LOSS_WEIGHT``). :class:`JacobianSchedule` reproduces that.
+weight during the unrolled warm-up (``PRETRAIN_JAC_LOSS_WEIGHT``). On the steps where the loss is computed the
+official code also jitters the forward solver's cap, ``f_thres += randint(-RAND_F_THRES_DELTA, 2)`` (-2..+1 for the
+default delta 2), so the regularised cell is not tuned to one exact number of iterations.
+:class:`JacobianSchedule` reproduces all of that.
 
 Every decision is a pure function of ``(seed, step, epoch)``, so all DDP ranks agree without communication and a
 resumed run makes the same decisions.
@@ -17,8 +20,14 @@ from dataclasses import dataclass
 import torch
 
 
-def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, vecs: int = 1) -> torch.Tensor:
+def jacobian_loss(
+    fz: torch.Tensor, z: torch.Tensor, vecs: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Hutchinson estimate of ``||dfz/dz||_F^2 / fz.numel()`` with ``vecs`` Gaussian probes (double backward).
+
+    Args:
+        generator: source of the probe vectors (on ``fz``'s device); default the global RNG. A schedule passes one
+            seeded by its step so that a resumed run draws the same probes.
 
     Example::
 
@@ -27,7 +36,7 @@ def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, vecs: int = 1) -> torch.Ten
     """
     total = fz.new_zeros((), dtype=torch.float32)
     for _ in range(vecs):
-        v = torch.randn_like(fz)
+        v = torch.randn(fz.shape, generator=generator, device=fz.device, dtype=fz.dtype)
         (vj,) = torch.autograd.grad(fz, z, v, create_graph=True, retain_graph=True)
         total = total + vj.float().pow(2).sum()
     return total / vecs / fz.numel()
@@ -38,12 +47,14 @@ class JacobianSchedule:
     """When and how strongly to apply the Jacobian-regularisation loss.
 
     Raises:
-        ValueError: for a negative weight, increment or interval, a probability outside [0, 1], a negative stop epoch.
+        ValueError: for a negative weight, increment or interval, a probability outside [0, 1], a negative stop epoch
+            or cap jitter.
 
     Example::
 
-        sched = JacobianSchedule(weight=2.5, prob=0.08, increment=0.1, increment_every=50_000, stop_epoch=90)
-        if sched.active(step, epoch):
+        sched = JacobianSchedule(weight=2.5, prob=0.08, increment=0.1, increment_every=50_000, stop_epoch=90,
+                                 cap_jitter=2)
+        if sched.active(step, epoch):   # before the forward: deq.jac_reg = True; cap + sched.cap_delta(step, epoch)
             loss = loss + sched.weight_at(step, warmup=False) * deq.jac_loss
     """
 
@@ -54,7 +65,8 @@ class JacobianSchedule:
     start_step: int = 0  # growth counts from here (locuslab: PRETRAIN_STEPS)
     stop_epoch: int | None = None  # no regularisation from this epoch on (JAC_STOP_EPOCH)
     warmup_weight: float = 0.0  # weight while the DEQ runs unrolled (PRETRAIN_JAC_LOSS_WEIGHT)
-    seed: int = 0  # seed of the per-step coin flips (shared by all ranks)
+    cap_jitter: int = 0  # RAND_F_THRES_DELTA: on regularised steps the forward cap moves by -cap_jitter..+1
+    seed: int = 0  # seed of the per-step coin flips and jitter (shared by all ranks)
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.warmup_weight < 0 or self.increment < 0:
@@ -67,6 +79,11 @@ class JacobianSchedule:
             raise ValueError(f"increment_every={self.increment_every}, start_step={self.start_step} must be >= 0")
         if self.stop_epoch is not None and self.stop_epoch < 0:
             raise ValueError(f"stop_epoch={self.stop_epoch} must be None or >= 0")
+        if not (isinstance(self.cap_jitter, int) and self.cap_jitter >= 0):
+            raise ValueError(f"cap_jitter={self.cap_jitter} must be an integer >= 0")
+
+    def _draws(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
 
     def weight_at(self, step: int, warmup: bool = False) -> float:
         """The loss weight at optimizer step ``step`` (``warmup``: the DEQ is in its unrolled stage)."""
@@ -85,5 +102,21 @@ class JacobianSchedule:
             return False
         if self.prob >= 1.0:
             return True
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return bool(torch.rand((), generator=gen) < self.prob)
+        return bool(torch.rand((), generator=self._draws(step)) < self.prob)
+
+    def probe_seed(self, step: int) -> int:
+        """Seed of the Hutchinson probe vectors at this step (2**40 away from the seeds of the coin flips)."""
+        return self.seed * 1_000_003 + step + 2**40
+
+    def cap_delta(self, step: int, epoch: int, warmup: bool = False) -> int:
+        """Change of the forward solver's cap at this step: ``randint(-cap_jitter, 2)`` on regularised steps, else 0."""
+        if self.cap_jitter == 0 or not self.active(step, epoch, warmup):
+            return 0
+        gen = self._draws(step)
+        torch.rand((), generator=gen)  # the coin flip of `active` comes first in the stream
+        return int(torch.randint(-self.cap_jitter, 2, (), generator=gen))
+
+
+# DEQClassifier saves its schedule among its hyperparameters: allow it in torch.load's default weights_only mode,
+# or resuming a checkpoint (Trainer.fit(ckpt_path=...)) fails with an UnpicklingError
+torch.serialization.add_safe_globals([JacobianSchedule])

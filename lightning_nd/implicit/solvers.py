@@ -6,7 +6,9 @@ residual ``||f(z) - z||``, relative residual ``||f(z) - z|| / (||f(z)|| + 1e-9)`
 iterate was found, and the traces. The iterate returned is the **best** one per sample (lowest residual in the stop
 mode), starting from ``z0`` itself, so a solver that never improves still returns something finite. A solver stops
 when the **worst** sample meets the tolerance, when the iteration cap is reached, or (protective break) when a
-residual turns non-finite or grows ``1e6`` times above its first value.
+residual turns non-finite or grows ``1e6`` times above its first value. Those three tests are read back in **one**
+host synchronisation per evaluation (the only one in a solve: a solver that stops early must look at its residual);
+everything else, including Anderson's fallback for singular systems, stays on the device.
 
 :func:`solve` is the entry point; it accepts a tensor or a tuple/list of tensors for ``z0`` (``f`` then receives and
 returns the same structure) and looks the solver up in the registry by name: ``"fixed_point"`` (alias
@@ -21,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,10 +130,13 @@ class _Tracker:
         self.best_step = torch.where(better, torch.full_like(self.best_step, self.nfe), self.best_step)
         if self.first is None:
             self.first = abs_res.clone()
-        if not bool(torch.isfinite(abs_res).all()) or bool((abs_res > DIVERGENCE_FACTOR * (self.first + EPS)).any()):
-            self.diverged = True
-            return True
-        return bool(self.best_metric.max() < self.tol)
+        # one host synchronisation per evaluation for all three stopping tests (not one each)
+        broken, done = torch.stack([
+            ~torch.isfinite(abs_res).all() | (abs_res > DIVERGENCE_FACTOR * (self.first + EPS)).any(),
+            self.best_metric.max() < self.tol,
+        ]).tolist()
+        self.diverged = self.diverged or broken
+        return broken or done
 
     def stats(self, name: str, max_iter: int) -> SolverStats:
         return SolverStats(
@@ -211,7 +217,9 @@ def anderson(
         if X is not None:
             X[:, slot] = x
         filled = min(filled + 1, m)
-        row = (G[:, :filled] @ G[:, slot, :, None])[..., 0]  # (b, filled)
+        # (b, filled): a broadcast product summed in float64 (the Gram matrix enters normal equations, so its
+        # rounding shows in the solution); still faster on CPU than the batched matrix-vector bmm for these shapes
+        row = (G[:, :filled] * G[:, slot, None]).sum(-1, dtype=torch.float64).to(G.dtype)
         GG[:, slot, :filled] = row
         GG[:, :filled, slot] = row
         return track.record(x, fx, G[:, slot])
@@ -235,10 +243,9 @@ def anderson(
         sol, info = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], y[:, : n + 1])
         alpha = sol[:, 1 : n + 1, 0]
         bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
-        if bool(bad.any()):
-            plain = torch.zeros_like(alpha)
-            plain[:, (k - 1) % m] = 1.0  # newest stored pair
-            alpha = torch.where(bad[:, None], plain, alpha)
+        plain = torch.zeros_like(alpha)
+        plain[:, (k - 1) % m] = 1.0  # newest stored pair
+        alpha = torch.where(bad[:, None], plain, alpha)  # unconditionally: no host synchronisation to test `bad`
         new = (alpha[:, None] @ F[:, :n])[:, 0]
         if X is not None:
             new = beta * new + (1.0 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
@@ -248,17 +255,21 @@ def anderson(
 
 
 def _rmatvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x^T (-I + U^T V) for the inverse-Jacobian estimate; ``us``, ``vts`` are ``(B, L, D)`` (rows contiguous)."""
+    """x^T (-I + U^T V) for the inverse-Jacobian estimate; ``us``, ``vts`` are ``(B, L, D)`` (rows contiguous).
+
+    The ``(B, L, D) x (B, D)`` products are a broadcast multiply + sum: several times faster on CPU than the
+    equivalent batched matrix-vector einsum/bmm for these thin shapes.
+    """
     if us.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", us, x), vts)
+    return -x + torch.einsum("bl,bld->bd", (us * x[:, None]).sum(-1), vts)
 
 
 def _matvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(-I + U^T V) x for the inverse-Jacobian estimate."""
     if us.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bld,bl->bd", us, torch.einsum("bld,bd->bl", vts, x))
+    return -x + torch.einsum("bld,bl->bd", us, (vts * x[:, None]).sum(-1))
 
 
 def broyden(
@@ -355,13 +366,14 @@ def check_solver_args(name: str, tol: float, max_iter: int, stop_mode: str, opti
     """Validate a solver call without running it.
 
     Raises:
-        ValueError: for an unknown solver, ``tol <= 0``, ``max_iter < 1``, an unknown stop mode or option.
+        ValueError: for an unknown solver, a tolerance that is not a finite number > 0, ``max_iter`` not an integer
+            >= 1 (booleans included), an unknown stop mode or option.
     """
     get_solver(name)
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol={tol} must be > 0")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter={max_iter} must be an integer >= 1")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r} must be a finite number > 0")
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter={max_iter!r} must be an integer >= 1")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode={stop_mode!r} must be one of {list(STOP_MODES)}")
     unknown = sorted(set(options) - set(solver_options(name)))

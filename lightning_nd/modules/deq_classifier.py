@@ -2,9 +2,11 @@
 
 The task logic is :class:`~lightning_nd.modules.ImageClassifier`'s (cross-entropy, accuracy metrics, optimizer
 wiring); this module adds the Jacobian-regularisation loss of its DEQ layers on the steps a
-:class:`~lightning_nd.implicit.JacobianSchedule` selects. Validation and test run under Lightning's default
-``inference_mode``: the DEQ's forward needs no autograd outside training (the solver runs without a graph and the
-final application is a plain call). Solver statistics are logged by the ``DEQMonitor`` callback, the unrolled
+:class:`~lightning_nd.implicit.JacobianSchedule` selects, and on those steps moves the forward solver's cap by the
+schedule's seeded jitter (locuslab/deq ``RAND_F_THRES_DELTA``). Every decision and the Hutchinson probe vectors are
+functions of the global step and the schedule's seed, so DDP ranks agree and a resumed run repeats the uninterrupted
+one. Validation and test run under Lightning's default ``inference_mode``: the DEQ's forward needs no autograd
+outside training (the solver runs without a graph and the final application is a plain call). Solver statistics are logged by the ``DEQMonitor`` callback, the unrolled
 warm-up is switched by ``DEQWarmup``.
 """
 
@@ -35,7 +37,8 @@ class DEQClassifier(ImageClassifier):
         optimizer: callable taking the parameters; default SGD (``default_optimizer``).
         lr_scheduler: callable taking the optimizer, stepped every epoch.
         model_kwargs: keyword arguments of the default ``MDEQ`` (channels, ``deq`` options, ...).
-        jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch); default off.
+        jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch, forward-cap jitter);
+            default off (the shipped configs turn it on).
 
     Raises:
         ValueError: if the network contains no DEQ layer or a DEQ layer built with ``jac_reg=True`` (the schedule
@@ -81,15 +84,23 @@ class DEQClassifier(ImageClassifier):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        step, warm = self.global_step, self._warm()
-        active = self.jac_schedule.active(step, self.current_epoch, warm)
+        step, epoch, warm = self.global_step, self.current_epoch, self._warm()
+        active = self.jac_schedule.active(step, epoch, warm)
+        delta = self.jac_schedule.cap_delta(step, epoch, warm)
         deqs = [m for _, m in find_deqs(self.net)]
+        seed = self.jac_schedule.probe_seed(step)
         for m in deqs:
             m.jac_reg = active
-        loss = self._step(batch, "train")
+            if hasattr(m, "f_max_iter_delta"):  # lightning_nd DEQ (other layers only follow the jac_reg protocol)
+                m.f_max_iter_delta, m.jac_probe_seed = delta, seed
+        try:
+            loss = self._step(batch, "train")
+        finally:
+            for m in deqs:
+                m.jac_reg = False
+                if hasattr(m, "f_max_iter_delta"):
+                    m.f_max_iter_delta, m.jac_probe_seed = 0, None
         jac = [m.jac_loss for m in deqs if getattr(m, "jac_loss", None) is not None]
-        for m in deqs:
-            m.jac_reg = False
         if active and jac:
             weight = self.jac_schedule.weight_at(step, warm)
             jac_loss = torch.stack([j.float() for j in jac]).sum()

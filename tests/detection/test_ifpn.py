@@ -12,7 +12,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from lightning_nd.datamodules import ShapesDetectionDataModule
 from lightning_nd.datamodules.shapes_detection import detection_collate
-from lightning_nd.implicit import ImplicitFPN
+from lightning_nd.implicit import DEQConfig, ImplicitFPN
+from lightning_nd.implicit.ifpn import IFPN_DEQ_DEFAULTS
 from lightning_nd.modules import DetectionModule
 
 IN_CHANNELS = [8, 16, 24]
@@ -124,3 +125,22 @@ def test_implicit_backward_through_the_detector_matches_unrolled_reference():
         assert abs(float(implicit[name].norm() / unrolled[name].norm()) - 1) < 1e-3, name
         # the comparison has teeth: the 1-step (Jacobian-free) gradient is visibly off on the same detector
         assert cos(one_step[name], unrolled[name], dim=0) < 0.99, name
+
+
+def test_a_config_object_and_a_dict_merge_over_the_ifpn_defaults_by_one_rule():
+    # issue 12 item 7: DEQConfig(f_solver="broyden") used to reset every other field to DEQConfig's generic defaults
+    # (30 steps, abs 1e-3, b_tol 1e-6), while {"f_solver": "broyden"} kept the i-FPN's
+    from_object = ImplicitFPN(IN_CHANNELS, 16, num_groups=4, deq=DEQConfig(f_solver="broyden", b_max_iter=7))
+    from_dict = ImplicitFPN(IN_CHANNELS, 16, num_groups=4, deq={"f_solver": "broyden", "b_max_iter": 7})
+    assert from_object.deq.config == from_dict.deq.config
+    cfg = from_object.deq.config
+    assert (cfg.f_solver, cfg.b_max_iter) == ("broyden", 7)
+    for name, value in IFPN_DEQ_DEFAULTS.items():
+        if name not in ("f_solver", "b_max_iter"):
+            assert getattr(cfg, name) == value, name
+    # keywords win over both; unknown names are rejected whatever the form
+    assert ImplicitFPN(IN_CHANNELS, 16, num_groups=4, deq={"f_tol": 0.5}, f_tol=0.25).deq.config.f_tol == 0.25
+    with pytest.raises(ValueError, match=r"unknown DEQ option\(s\) \['threshold'\]"):
+        ImplicitFPN(IN_CHANNELS, 16, num_groups=4, deq={"threshold": 3})
+    plain = ImplicitFPN(IN_CHANNELS, 16, num_groups=4).deq.config
+    assert all(getattr(plain, k) == v for k, v in IFPN_DEQ_DEFAULTS.items())

@@ -55,6 +55,16 @@ def test_tiny_fashion_config_runs(repo_root):
           "--data.batch_size=8", "--trainer.enable_progress_bar=false"])
 
 
+def test_tiny_fashion_config_uses_the_fast_recipe(repo_root):
+    # issue 15: Jacobian regularisation with forward-cap jitter on by default, caps and tolerances of the fast recipe
+    cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml", "--trainer.logger=false"],
+                     run=False)
+    cfg, jac = cli.model.net.deq.config, cli.model.jac_schedule
+    assert (cfg.f_max_iter, cfg.eval_f_max_iter, cfg.b_max_iter, cfg.f_tol, cfg.b_tol) == (6, 6, 5, 0.02, 0.02)
+    assert (jac.weight, jac.prob, jac.cap_jitter) == (2.0, 0.25, 2)
+    assert {jac.cap_delta(step, 0) for step in range(200)} == {-2, -1, 0, 1}
+
+
 def test_cifar_recipe_config_builds_mdeq_small(repo_root):
     cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_small_cifar10.yaml", "--trainer.accelerator=cpu",
                       "--trainer.logger=false"], run=False)
@@ -63,7 +73,10 @@ def test_cifar_recipe_config_builds_mdeq_small(repo_root):
     params = sum(p.numel() for p in model.parameters())
     assert 150_000 < params < 175_000  # MDEQ paper: MDEQ-small 170K
     cfg = model.net.deq.config
-    assert (cfg.f_solver, cfg.b_solver, cfg.f_max_iter, cfg.b_max_iter, cfg.f_stop_mode) == ("broyden", "broyden", 18, 20, "rel")
+    # the Jacobian-regularised recipe of locuslab/deq cls_mdeq_LARGE_reg.yaml (issue 15)
+    assert (cfg.f_solver, cfg.b_solver, cfg.f_max_iter, cfg.b_max_iter, cfg.f_stop_mode) == ("broyden", "broyden", 8, 7, "rel")
+    jac = model.jac_schedule
+    assert (jac.weight, jac.prob, jac.cap_jitter, jac.stop_epoch) == (0.4, 0.02, 2, 20)
     warm = [c for c in cli.trainer.callbacks if type(c).__name__ == "DEQWarmup"][0]
     assert (warm.warmup_steps, warm.unroll_layers) == (3000, 10)
     model.eval()

@@ -93,3 +93,25 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown DEQ option\(s\) \['threshold'\]"):
         MDEQ(deq={"threshold": 10}, **TINY)
     assert MDEQ(deq=DEQConfig(f_solver="broyden"), **TINY).deq.config.f_solver == "broyden"
+
+
+def test_fixed_point_reuse_restarts_from_the_last_equilibrium_for_a_repeated_input():
+    torch.manual_seed(0)
+    net = MDEQ(num_classes=3, in_chans=1, dropout=0.0, deq={"f_max_iter": 8}, reuse_fixed_point=True, **TINY)
+    net.eval()
+    starts = []
+    solve = net.deq.forward
+    net.deq.forward = lambda x, z0=None: (starts.append([z.clone() for z in z0]), solve(x, z0))[1]
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        first = net.features(x)
+        net.features(x)
+        warm_start_residual = net.deq.last_stats.forward.rel_trace[:, 0]
+        net.features(torch.randn(2, 1, 8, 8))
+    assert all(float(z.abs().max()) == 0.0 for z in starts[0])  # a new input starts from zeros
+    for z0, z in zip(starts[1], first):  # the repeated input starts from the last equilibrium
+        torch.testing.assert_close(z0, z, rtol=0.0, atol=0.0)
+    assert float(warm_start_residual.max()) < 0.9  # not the relative residual 1.0 of a cold start from zeros
+    assert all(float(z.abs().max()) == 0.0 for z in starts[2])
+    plain = MDEQ(num_classes=3, in_chans=1, dropout=0.0, deq={"f_max_iter": 8}, **TINY)
+    assert plain.reuse_fixed_point is False
