@@ -69,8 +69,8 @@ def render_shapes(
     image_size: int = 96,
     min_shapes: int = 1,
     max_shapes: int = 4,
-    min_size: int = 12,
-    max_size: int = 40,
+    min_object_size: int = 12,
+    max_object_size: int = 40,
     shapes: tuple[str, ...] = SHAPES,
     min_contrast: float = 0.3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +92,7 @@ def render_shapes(
         if len(boxes) >= want:
             break
         label = int(rng.integers(len(shapes)))
-        mask = _shape_mask(shapes[label], rng, image_size, min_size, max_size)
+        mask = _shape_mask(shapes[label], rng, image_size, min_object_size, max_object_size)
         if mask is None:
             continue
         h, w = mask.shape
@@ -132,7 +132,7 @@ class ShapesDataset(Dataset):
 
     Example::
 
-        ds = ShapesDataset(100, seed=0, split_id=0, image_size=64, max_size=24)
+        ds = ShapesDataset(100, seed=0, split_id=0, image_size=64, max_object_size=24)
         image, target = ds[0]   # (3, 64, 64) float in [0, 1]; target["boxes"] (N, 4) xyxy, target["labels"] (N,)
     """
 
@@ -171,7 +171,8 @@ class ShapesDetectionDataModule(SplitDataModule):
         image_size: side length of the square images.
         min_shapes, max_shapes: objects per image (``min_shapes=0`` yields some images without boxes,
             ``max_shapes=0`` only such images).
-        min_size, max_size: side length range of a shape's box, in pixels.
+        min_object_size, max_object_size: side length range of a shape's box, in pixels (named apart from the
+            detector's ``min_size``/``max_size`` resize range, so the two never collide in a run's hyperparameters).
         shapes: which shapes to draw, a subset of ``("circle", "rectangle", "triangle")``; label ``i + 1`` is
             ``shapes[i]``.
         seed: base seed of all splits.
@@ -179,8 +180,8 @@ class ShapesDetectionDataModule(SplitDataModule):
         eval_batch_size: batch size for validation, test and predict; default ``batch_size``.
 
     Raises:
-        ValueError: for non-positive sizes or counts, ``min_shapes > max_shapes``, ``min_size > max_size``, a
-            ``max_size`` larger than the image, or an unknown or repeated shape name.
+        ValueError: for non-positive sizes or counts, ``min_shapes > max_shapes``, ``min_object_size > max_object_size``, a
+            ``max_object_size`` larger than the image, or an unknown or repeated shape name.
 
     Example::
 
@@ -200,15 +201,16 @@ class ShapesDetectionDataModule(SplitDataModule):
         image_size: int = 96,
         min_shapes: int = 1,
         max_shapes: int = 4,
-        min_size: int = 12,
-        max_size: int = 40,
+        min_object_size: int = 12,
+        max_object_size: int = 40,
         shapes: tuple[str, ...] | list[str] = SHAPES,
         seed: int = 0,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
-        for name, value in (("num_train", num_train), ("image_size", image_size), ("min_size", min_size)):
+        for name, value in (("num_train", num_train), ("image_size", image_size),
+                            ("min_object_size", min_object_size)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         for name, value in (("num_val", num_val), ("num_test", num_test), ("min_shapes", min_shapes),
@@ -217,10 +219,11 @@ class ShapesDetectionDataModule(SplitDataModule):
                 raise ValueError(f"{name}={value} must be >= 0")
         if min_shapes > max_shapes:
             raise ValueError(f"min_shapes={min_shapes} must be <= max_shapes={max_shapes}")
-        if min_size < 3 or min_size > max_size:
-            raise ValueError(f"need 3 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
-        if max_size > image_size:
-            raise ValueError(f"max_size={max_size} must be <= image_size={image_size}")
+        if min_object_size < 3 or min_object_size > max_object_size:
+            raise ValueError(f"need 3 <= min_object_size <= max_object_size, got min_object_size={min_object_size}, "
+                             f"max_object_size={max_object_size}")
+        if max_object_size > image_size:
+            raise ValueError(f"max_object_size={max_object_size} must be <= image_size={image_size}")
         shapes = tuple(shapes)
         unknown = [s for s in shapes if s not in SHAPES]
         if not shapes or unknown or len(set(shapes)) != len(shapes):
@@ -229,7 +232,7 @@ class ShapesDetectionDataModule(SplitDataModule):
         self.seed, self.shapes = seed, shapes
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.render_kwargs = {"image_size": image_size, "min_shapes": min_shapes, "max_shapes": max_shapes,
-                                  "min_size": min_size, "max_size": max_size, "shapes": shapes}
+                                  "min_object_size": min_object_size, "max_object_size": max_object_size, "shapes": shapes}
         self.num_classes = len(shapes) + 1
         self.class_names = ("background", *shapes)
         self.input_shape = (3, image_size, image_size)

@@ -34,7 +34,7 @@ TINY = {"returned_layers": [2, 3], "out_channels": 32, "min_size": 64, "max_size
 
 def _data(**kw) -> ShapesDetectionDataModule:
     return ShapesDetectionDataModule(**{"num_train": 4, "num_val": 3, "batch_size": 2, "image_size": 64,
-                                        "max_size": 24, **kw})
+                                        "max_object_size": 24, **kw})
 
 
 def _model(lr: float = 0.01, **kw) -> DetectionModule:

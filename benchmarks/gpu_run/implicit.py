@@ -199,7 +199,7 @@ def ifpn(ctx: PartContext) -> None:
     cfg = ctx.cfg
     size = cfg.ifpn_size
     data = ShapesDetectionDataModule(num_train=cfg.ifpn_train, num_val=cfg.ifpn_val, image_size=size,
-                                     min_size=size // 8, max_size=size * 3 // 7, seed=cfg.seed)
+                                     min_object_size=size // 8, max_object_size=size * 3 // 7, seed=cfg.seed)
 
     def to_device(split: str) -> list:
         ds = data.dataset(split)

@@ -45,7 +45,7 @@ def _write_split(root, split, dataset, n):
 
 @pytest.fixture
 def coco_root(tmp_path):
-    shapes = ShapesDetectionDataModule(image_size=64, max_size=24)
+    shapes = ShapesDetectionDataModule(image_size=64, max_object_size=24)
     _write_split(tmp_path / "coco", "train2017", shapes.dataset("train"), 4)
     _write_split(tmp_path / "coco", "val2017", shapes.dataset("val"), 3)
     return tmp_path / "coco", shapes

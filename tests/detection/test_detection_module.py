@@ -33,7 +33,7 @@ class _LossRecorder(pl.Callback):
 
 def test_ifpn_retinanet_loss_falls_on_shapes():
     pl.seed_everything(0)
-    data = ShapesDetectionDataModule(num_train=2, num_val=2, batch_size=2, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_train=2, num_val=2, batch_size=2, image_size=64, max_object_size=24)
     model = DetectionModule("retinanet", num_classes=4, neck="ifpn", **TINY,
                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     recorder, monitor = _LossRecorder(), DEQMonitor(histogram_every_n_epochs=0)
@@ -56,7 +56,7 @@ def test_ifpn_retinanet_loss_falls_on_shapes():
 def test_images_without_boxes_train(detector):
     torch.manual_seed(0)
     model = DetectionModule(detector, num_classes=4, neck="ifpn", **TINY)
-    data = ShapesDetectionDataModule(image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(image_size=64, max_object_size=24)
     (image, target), (image2, _) = data.dataset("train")[0], data.dataset("train")[1]
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     for batch in ([image, image2], [target, empty]), ([image2], [empty]):  # mixed, and only empty
@@ -67,7 +67,7 @@ def test_images_without_boxes_train(detector):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
     # a whole run on data without any box (max_shapes=0) goes through fit and validation
-    data = ShapesDetectionDataModule(num_train=2, num_val=2, min_shapes=0, max_shapes=0, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_train=2, num_val=2, min_shapes=0, max_shapes=0, image_size=64, max_object_size=24)
     trainer = _trainer(fast_dev_run=1)
     trainer.fit(model, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -75,11 +75,11 @@ def test_images_without_boxes_train(detector):
 
 def test_class_count_mismatch_fails_at_setup_with_a_clear_error():
     model = DetectionModule("retinanet", num_classes=5, **TINY)
-    data = ShapesDetectionDataModule(num_train=2, num_val=2, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_train=2, num_val=2, image_size=64, max_object_size=24)
     with pytest.raises(ValueError, match=r"num_classes=5 does not match the data.*num_classes=4"):
         _trainer(fast_dev_run=1).fit(model, data)
     small = DetectionModule("retinanet", num_classes=3, **TINY)
-    batch = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")[3]
+    batch = ShapesDetectionDataModule(image_size=64, max_object_size=24).dataset("train")[3]
     batch = ([batch[0]], [{"boxes": torch.tensor([[1.0, 1, 20, 20]]), "labels": torch.tensor([3])}])
     with pytest.raises(ValueError, match=r"labels \[3\] fall outside 1..2"):
         small.training_step(batch, 0)
@@ -129,7 +129,7 @@ def _pycocotools_map(targets, shift):
 
 
 def test_map_perfect_is_one_and_shifted_is_lower_matching_pycocotools():
-    data = ShapesDetectionDataModule(num_val=20, batch_size=2, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_val=20, batch_size=2, image_size=64, max_object_size=24)
     targets = [data.dataset("val")[i][1] for i in range(20)]
     results = {}
     for shift in (0.0, 3.0):
@@ -144,7 +144,7 @@ def test_map_perfect_is_one_and_shifted_is_lower_matching_pycocotools():
 def test_predict_returns_torchvision_detections():
     torch.manual_seed(0)
     model = DetectionModule("fcos", num_classes=4, **TINY)
-    data = ShapesDetectionDataModule(num_test=3, batch_size=2, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_test=3, batch_size=2, image_size=64, max_object_size=24)
     batches = _trainer().predict(model, data)
     assert len(batches) == 2 and [len(b) for b in batches] == [2, 1]
     for det in batches[0]:
@@ -153,7 +153,7 @@ def test_predict_returns_torchvision_detections():
 
 def test_warmup_scales_the_learning_rate_without_touching_the_schedule():
     model = DetectionModule("retinanet", num_classes=4, warmup_steps=10, warmup_factor=0.1, **TINY)
-    data = ShapesDetectionDataModule(num_train=6, batch_size=2, image_size=64, max_size=24)
+    data = ShapesDetectionDataModule(num_train=6, batch_size=2, image_size=64, max_object_size=24)
     seen = []
 
     class Spy(pl.Callback):
@@ -171,7 +171,7 @@ def test_hyperparameters_rebuild_the_same_detector_and_backbone_options():
     model = DetectionModule("fcos", num_classes=4, neck="ifpn", **TINY).eval()
     clone = DetectionModule(**model.hparams).eval()  # what load_from_checkpoint does
     clone.load_state_dict(model.state_dict())
-    image = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("val")[0][0]
+    image = ShapesDetectionDataModule(image_size=64, max_object_size=24).dataset("val")[0][0]
     with torch.no_grad():
         a, b = model([image])[0], clone([image])[0]
     assert type(clone.net).__name__ == "FCOS" and torch.equal(a["scores"], b["scores"])
@@ -192,7 +192,7 @@ def test_timm_features_backbone_with_ifpn():
     model = DetectionModule("retinanet", num_classes=4, backbone="timm:resnet10t", neck="ifpn", **TINY)
     fpn = model.net.backbone.fpn
     assert fpn.in_channels_list == [128, 256]  # timm's feature_info channels of out_indices 2, 3
-    image, target = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")[0]
+    image, target = ShapesDetectionDataModule(image_size=64, max_object_size=24).dataset("train")[0]
     losses = model.net([image], [target])
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values()) and fpn.last_stats.backward is not None
@@ -228,7 +228,7 @@ def test_map_counts_each_image_id_once_like_an_unpadded_evaluation():
 def test_training_ignores_crowd_boxes():
     torch.manual_seed(0)
     model = DetectionModule("retinanet", num_classes=4, **TINY)
-    image, target = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")[0]
+    image, target = ShapesDetectionDataModule(image_size=64, max_object_size=24).dataset("train")[0]
     crowd = {**target, "boxes": torch.cat([target["boxes"], torch.tensor([[0.0, 0, 30, 30]])]),
              "labels": torch.cat([target["labels"], torch.tensor([1])]),
              "iscrowd": torch.tensor([0] * len(target["labels"]) + [1])}

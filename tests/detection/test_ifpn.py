@@ -95,7 +95,7 @@ def test_implicit_backward_through_the_detector_matches_unrolled_reference():
     tight = {"f_tol": 1e-6, "f_max_iter": 100, "b_tol": 1e-7, "b_max_iter": 100}
     module = DetectionModule("retinanet", num_classes=4, neck="ifpn", returned_layers=[2, 3], out_channels=32,
                              min_size=64, max_size=64, neck_kwargs=tight)
-    data = ShapesDetectionDataModule(image_size=64, max_size=24).dataset("train")
+    data = ShapesDetectionDataModule(image_size=64, max_object_size=24).dataset("train")
     images, targets = detection_collate([data[0], data[1]])
     fpn = module.net.backbone.fpn
     groups = {  # the cell's weights, and everything upstream of the equilibrium (lateral convs + backbone)

@@ -37,7 +37,7 @@ def test_boxes_are_exact_extents_of_the_drawn_pixels():
 
 
 def test_targets_follow_torchvision_convention_and_are_deterministic():
-    dm = ShapesDetectionDataModule(batch_size=3, num_train=6, image_size=64, max_size=24, seed=5)
+    dm = ShapesDetectionDataModule(batch_size=3, num_train=6, image_size=64, max_object_size=24, seed=5)
     dm.setup("fit")
     images, targets = next(iter(dm.train_dataloader()))
     assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 3
@@ -47,7 +47,7 @@ def test_targets_follow_torchvision_convention_and_are_deterministic():
         assert target["labels"].dtype == torch.int64 and (target["labels"] >= 1).all()
         assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
     assert dm.num_classes == 4 and dm.class_names == ("background", "circle", "rectangle", "triangle")
-    a, b = dm.dataset("val")[3], ShapesDetectionDataModule(seed=5, image_size=64, max_size=24).dataset("val")[3]
+    a, b = dm.dataset("val")[3], ShapesDetectionDataModule(seed=5, image_size=64, max_object_size=24).dataset("val")[3]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
     assert not torch.equal(dm.dataset("val")[0][0], dm.dataset("train")[0][0])  # splits never share images
 
@@ -66,7 +66,7 @@ def test_subset_of_shapes_and_empty_images():
     ("kwargs", "match"),
     [
         ({"min_shapes": 3, "max_shapes": 2}, "min_shapes"),
-        ({"max_size": 200}, "max_size"),
+        ({"max_object_size": 200}, "max_object_size"),
         ({"shapes": ["hexagon"]}, "hexagon"),
         ({"batch_size": 0}, "batch_size"),
     ],
