@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,11 +161,21 @@ def main():
     if args.out:
         mode = "quick (nb201 C=8 N=2 batch 32; mobilenet x0.25 at 32 px)" if args.quick else \
             "full (nb201 C=16 N=5 batch 64; mobilenet x1.0 at 224 px)"
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(f"# NAS core benchmarks\n\nMode: {mode}. Machine: 2-core CPU shared with other jobs "
-                                  f"({load}), {args.threads} torch thread(s), torch {torch.__version__}.\n\n"
-                                  f"{table}\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_io import write_results
 
+        out = Path(args.out)
+        ratio = next(c for a, _, c, _ in rows if a.startswith("supernet step"))
+        write_results(
+            out.stem,
+            f"# NAS core benchmarks\n\nMode: {mode}. Machine: 2-core CPU shared with other jobs ({load}), "
+            f"{args.threads} torch thread(s), torch {torch.__version__}.\n\n{table}\n",
+            command="python benchmarks/nas_core.py " + " ".join(sys.argv[1:]),
+            glance=[{"family": "NAS core", "what": f"supernet step / standalone subnet step ({mode.split(' ')[0]})",
+                     "value": ratio, "spread": "one run of this mode (2-core CPU shared with other jobs)",
+                     "target": "<= 1.10x"}],
+            out_dir=out.parent,
+        )
 
 if __name__ == "__main__":
     main()

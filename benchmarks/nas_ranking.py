@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import sys
@@ -51,18 +52,23 @@ from lightning_nd.nas.angle import AngleStats
 from lightning_nd.nas.bench import NB201, rank_correlation
 from lightning_nd.nas.spaces.nb201 import str_to_arch
 
-NASLIB = Path("/work/shared/data/naslib_zc_nasbench201_sample_flat.csv")
 ROOT = Path(__file__).resolve().parent
+NASLIB = ROOT / "data" / "naslib_zc_nasbench201_sample_flat.csv.gz"  # shipped, provenance in data/PROVENANCE.md
 
 
 def sample_cells(n: int, seed: int) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """``n`` cells from NASLib's published CIFAR-10 sample (falls back to the benchmark table when it is absent)."""
-    if NASLIB.is_file():
-        rows = [r for r in csv.DictReader(NASLIB.open()) if r["dataset"] == "cifar10"]
-        picks = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
-        chosen = [rows[int(i)] for i in picks]
-        return [r["arch_str"] for r in chosen], {r["arch_str"]: {k: float(r[k]) for k in ("nwot", "jacov")} for r in chosen}
-    return NB201().sample(n, seed=seed), {}
+    """``n`` cells from NASLib's published CIFAR-10 sample (shipped in ``benchmarks/data``).
+
+    Raises:
+        FileNotFoundError: when the shipped sample is missing (a partial checkout), naming the file.
+    """
+    if not NASLIB.is_file():
+        raise FileNotFoundError(f"{NASLIB} is missing: it ships with the repository (see benchmarks/data/PROVENANCE.md)")
+    with gzip.open(NASLIB, "rt") as f:
+        rows = [r for r in csv.DictReader(f) if r["dataset"] == "cifar10"]
+    picks = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
+    chosen = [rows[int(i)] for i in picks]
+    return [r["arch_str"] for r in chosen], {r["arch_str"]: {k: float(r[k]) for k in ("nwot", "jacov")} for r in chosen}
 
 
 def make_data(args: argparse.Namespace) -> pl.LightningDataModule:
@@ -258,8 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"cells": cells, "scores": scores}))
+    sys.path.insert(0, str(ROOT))
+    from results_io import write_results
+
+    glance = [{"family": "NAS", "what": f"{r.name} vs NB201 CIFAR-10 acc, Kendall tau ({len(cells)} cells)",
+               "value": f"{r.kendall:.3f}", "spread": f"one supernet (seed {args.seed})", "target": "-"}
+              for r in results.values()]
+    write_results(args.out.stem, text, command="python benchmarks/nas_ranking.py " + " ".join(sys.argv[1:]),
+                  glance=glance, out_dir=args.out.parent)
+    args.out.with_name(args.out.stem + "_scores.json").write_text(json.dumps({"cells": cells, "scores": scores}))
     try:
         import matplotlib
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_nd.nas.angle import AngleLayout, AngleStats, tracked_parameters
+from lightning_nd.nas.angle import AngleLayout, AngleStats, angle_vector, tracked_parameters
 from lightning_nd.nas.arch import decisions, get_arch, list_choices
 from lightning_nd.utils import log_image
 
@@ -40,20 +40,31 @@ class AngleTracker(Callback):
     Args:
         every_n_epochs: compute and log at the end of every n-th training epoch (``None``: never by epoch).
         every_n_steps: also compute and log every n optimizer steps (``None``: never by step).
-        include_bn_affine: count BN/GroupNorm/LayerNorm affine parameters (RLNAS) besides conv/linear weights (ABS).
-        include_bias: count conv/linear biases too.
-        identity: an identity op contributes nothing (``"none"``, ABS) or an ``eye(C)`` pseudo-weight (``"eye"``,
-            RLNAS). Pooling always counts as a constant 1/k² kernel; ``none`` drops the path.
+        preset: the official angle vector of a paper and space: ``"rlnas_nb201"``, ``"abs_nb201"`` (the same
+            vector), ``"rlnas_mobilenet"`` or ``"abs_mobilenet"`` (see
+            :data:`~lightning_nd.nas.angle.ANGLE_PRESETS`); overrides the three loose flags below.
+        include_bn_affine: (custom spaces) count every BN/GroupNorm/LayerNorm affine parameter besides the
+            conv/linear weights. None of the official vectors does this (RLNAS-MobileNet takes two BNs per op).
+        include_bias: (custom spaces) count conv/linear biases too.
+        identity: (custom spaces) an identity op contributes nothing (``"none"``, ABS and NB201) or an ``eye(C)``
+            pseudo-weight (``"eye"``, RLNAS-MobileNet). Pooling always counts as a constant 1/k² kernel; ``none``
+            drops the path.
+        cells_only: leave the fixed layers (stem, reductions, classifier) out of the vector: only the chosen
+            ops' weights (ranks NB201 cells far better on small supernets, see ``benchmarks/search_quality.py``).
+        weight_free: angle of degenerate paths (every route cut by ``none`` or parameter-free):
+            ``"zero"`` ranks them last, ``"official"`` keeps the official values (see
+            :class:`~lightning_nd.nas.angle.AngleStats`).
         heatmap: log a decision x op heat-map picture of the op angles at each computation.
 
     Raises:
-        MisconfigurationException: for intervals < 1, both intervals ``None``, or an unknown ``identity``.
+        MisconfigurationException: for intervals < 1, both intervals ``None``, an unknown ``preset``,
+            ``identity`` or ``weight_free``.
         ValueError: at setup, for a model without ``Choice`` layers.
         RuntimeError: when angles are asked before :meth:`compute_statistics` ran.
 
     Example::
 
-        tracker = AngleTracker(every_n_epochs=1, identity="eye", include_bn_affine=True)   # RLNAS
+        tracker = AngleTracker(every_n_epochs=1, preset="rlnas_nb201")
         trainer = Trainer(callbacks=[tracker]); trainer.fit(SupernetModule("nb201"), datamodule=dm)
         tracker.compute_statistics(model); tracker.path_angle([3, 3, 3, 3, 3, 3])
 
@@ -66,9 +77,12 @@ class AngleTracker(Callback):
         self,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
+        preset: str | None = None,
         include_bn_affine: bool = False,
         include_bias: bool = False,
         identity: Literal["none", "eye"] = "none",
+        cells_only: bool = False,
+        weight_free: Literal["zero", "official"] = "zero",
         heatmap: bool = True,
     ) -> None:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
@@ -76,10 +90,14 @@ class AngleTracker(Callback):
                 raise MisconfigurationException(f"{name}={value} must be >= 1 or None")
         if every_n_epochs is None and every_n_steps is None:
             raise MisconfigurationException("set every_n_epochs or every_n_steps; with both None nothing is tracked")
-        if identity not in ("none", "eye"):
-            raise MisconfigurationException(f"identity={identity!r} is not one of ('none', 'eye')")
+        if weight_free not in ("zero", "official"):
+            raise MisconfigurationException(f"weight_free={weight_free!r} is not one of ('zero', 'official')")
+        try:
+            self.vector = angle_vector(preset, include_bn_affine, include_bias, identity, cells_only)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.include_bn_affine, self.include_bias, self.identity = include_bn_affine, include_bias, identity
+        self.preset, self.weight_free = preset, weight_free
         self.heatmap = heatmap
         self.reference: dict[str, torch.Tensor] | None = None
         self.stats: AngleStats | None = None
@@ -97,7 +115,7 @@ class AngleTracker(Callback):
         """
         tracker = cls(**kwargs)
         tracker._require_choices(net)
-        names = list(tracked_parameters(net, tracker.include_bn_affine, tracker.include_bias))
+        names = list(tracked_parameters(net, tracker.vector))
         missing = [n for n in names if n not in reference_state]
         if missing:
             raise ValueError(f"reference_state lacks {len(missing)} tracked weights, e.g. {missing[:3]}")
@@ -108,7 +126,7 @@ class AngleTracker(Callback):
     def reset_reference(self, module: nn.Module) -> None:
         """Make the current weights the new reference (ABS's one-time reset)."""
         net = supernet_of(module)
-        params = tracked_parameters(net, self.include_bn_affine, self.include_bias)
+        params = tracked_parameters(net, self.vector)
         self.reference = {n: p.detach().clone() for n, p in params.items()}
         self.stats = None
 
@@ -123,9 +141,7 @@ class AngleTracker(Callback):
         if self.reference is None:
             raise RuntimeError("AngleTracker has no reference weights yet: fit must start, or use from_reference")
         if self._layout is None:
-            self._layout = AngleLayout.build(
-                net, self.include_bn_affine, self.include_bias, self.identity, self._channels
-            )
+            self._layout = AngleLayout.build(net, self.vector, self._channels)
         params = dict(net.named_parameters())
         self.stats = AngleStats.compute(self._layout, params, self.reference)
         return self.stats
@@ -137,7 +153,7 @@ class AngleTracker(Callback):
 
     def path_angles(self, archs: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Angles (radians) of many paths, an ``(n, decisions)`` array-like; larger = moved further (better)."""
-        return self._require_stats().path_angles(np.asarray(archs, dtype=np.int64))
+        return self._require_stats().path_angles(np.asarray(archs, dtype=np.int64), self.weight_free)
 
     def path_angle(self, arch: Sequence[int]) -> float:
         """Angle (radians) of one path."""
@@ -218,9 +234,14 @@ class AngleTracker(Callback):
 
     @staticmethod
     def heatmap_figure(found: list, angles: list[list[float]], step: int) -> Any:
-        """A decision x op heat map of op angles (blank for parameter-free ops)."""
+        """A decision x op heat map of op angles, each cell labelled with its value.
+
+        Ops without weights (none, skip, pooling) are light grey and marked "no w"; ops masked by the pruner
+        (``Decision.alive``) are hatched dark grey and marked "pruned", whatever their angle.
+        """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
 
         width = max(len(row) for row in angles)
         grid = np.full((len(angles), width), np.nan)
@@ -229,14 +250,33 @@ class AngleTracker(Callback):
         longest = max(found, key=lambda d: len(d.names)).names
         prefix = all(d.names == longest[: len(d.names)] for d in found)
         names = longest if prefix else [str(i) for i in range(width)]
-        fig = Figure(figsize=(1.2 + 0.9 * width, 1.0 + 0.3 * len(angles)), dpi=80)
+        pruned = np.zeros(grid.shape, dtype=bool)
+        for i, d in enumerate(found):
+            alive = set(d.alive)
+            pruned[i, : len(d.names)] = [o not in alive for o in range(len(d.names))]
+        shown = np.ma.masked_where(np.isnan(grid) | pruned, grid)
+        fig = Figure(figsize=(2.5 + 1.3 * width, 1.6 + 0.45 * len(angles)), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(width), names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(found)), [d.key for d in found], fontsize=7)
-        ax.set_title(f"op angle (rad), step {step}", fontsize=9)
-        fig.colorbar(image, ax=ax)
+        ax.set_facecolor("#e6e6e6")  # ops without weights
+        image = ax.imshow(shown, aspect="auto", cmap="viridis")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if j >= len(found[i].names):
+                    continue
+                if pruned[i, j]:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#505050", hatch="//", edgecolor="white"))
+                    label, color = "pruned", "white"
+                elif np.isnan(grid[i, j]):
+                    label, color = "no weights", "#606060"
+                else:
+                    label = f"{grid[i, j]:.3f}"
+                    color = "white" if grid[i, j] < np.nanmean(shown.filled(np.nan)) else "black"
+                ax.text(j, i, label, ha="center", va="center", fontsize=9, color=color)
+        ax.set_xticks(range(width), names, rotation=30, ha="right", fontsize=10)
+        ax.set_yticks(range(len(found)), [d.key for d in found], fontsize=10)
+        ax.set_title(f"op angle (rad) at step {step}; grey: no weights, hatched: pruned", fontsize=11)
+        fig.colorbar(image, ax=ax).ax.tick_params(labelsize=9)
         fig.tight_layout()
         return fig
 

@@ -23,6 +23,7 @@ space the NAS-Bench-201 accuracy of the found cells is looked up and reported.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -44,7 +46,7 @@ from lightning_nd.callbacks.angle_tracker import AngleTracker, supernet_of
 from lightning_nd.nas.arch import alive_options, arch_to_json, list_choices
 from lightning_nd.nas.evolution import Evolution, progress_figure
 from lightning_nd.nas.flops import ArchCost, CostConstraint
-from lightning_nd.utils import atomic_save, atomic_write_text, log_image, run_dir
+from lightning_nd.utils import atomic_save, atomic_write_text, log_image, progress, run_dir
 
 METRICS = ("angle", "accuracy", "naswot")
 MetricFn = Callable[[pl.LightningModule, list[int]], float]
@@ -81,6 +83,18 @@ def fixed_batches(make_loader: Callable[[], Any], num_batches: int | None, seed:
     return list(batches) if cache else batches
 
 
+def reinitialised(net: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``net`` with every module's ``reset_parameters`` run under a torch RNG seeded by ``seed``."""
+    copy_ = copy.deepcopy(net)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in copy_.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return copy_
+
+
 def _resolve(metric: str | MetricFn) -> str | MetricFn:
     if callable(metric) or metric in METRICS:
         return metric
@@ -106,7 +120,10 @@ class EvolutionSearch(Callback):
             ``SupernetModule`` has), ``"naswot"``, a callable ``(pl_module, arch) -> float`` or its import path.
         population, top_k, mutations, mutation_prob, crossovers, generations: the EA (SPOS defaults 50, 10, 25,
             0.1, 25, 20).
-        seed: seed of the search and of the scoring data.
+        seed: seed of the search and of the scoring data (``None``: ``torch.initial_seed()``, i.e.
+            ``seed_everything``'s, broadcast from rank 0 at setup).
+        tie_decimals: scores are ranked rounded to this many decimals, ties broken by the architecture encoding
+            (see :class:`~lightning_nd.nas.evolution.Evolution`), so noise below it cannot change the pick.
         flops_range: ``(low, high)`` MACs a candidate must satisfy (``None`` = open end), e.g. ``[null, 330e6]``.
         params_range: ``(low, high)`` parameter count a candidate must satisfy.
         input_shape: ``(C, H, W)`` for FLOPs (default: the datamodule's ``input_shape``).
@@ -114,6 +131,8 @@ class EvolutionSearch(Callback):
         val_batches: validation batches per ``accuracy`` evaluation (``None``: the whole validation set).
         naswot_batch_size: samples of the fixed NASWOT minibatch (paper: 128 for v2, 256 for v1).
         naswot_version: 2 (Hamming kernel) or 1 (Jacobian).
+        naswot_weights: ``"init"`` scores each path on a copy of the supernet re-initialised from ``seed`` (the
+            paper's protocol: NASWOT judges untrained networks); ``"trained"`` on the supernet's current weights.
         run_on: ``"fit_end"``, or ``"validate"`` to search a saved checkpoint with ``trainer.validate``
             (the ``AngleTracker``'s reference weights are then read from the checkpoint's callback states).
         dirpath: output folder (default: the run directory).
@@ -132,7 +151,7 @@ class EvolutionSearch(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[AngleTracker(identity="eye", include_bn_affine=True),
+        trainer = Trainer(callbacks=[AngleTracker(preset="rlnas_nb201"),
                                      EvolutionSearch(metric="angle", flops_range=(None, 330e6))])
         trainer.fit(SupernetModule("nb201"), datamodule=RandomLabels(FashionMNISTDataModule(image_size=32, channels=3)))
         # -> <run dir>/arch.json, <run dir>/media/nas_evolution_*.png
@@ -147,7 +166,8 @@ class EvolutionSearch(Callback):
         mutation_prob: float = 0.1,
         crossovers: int = 25,
         generations: int = 20,
-        seed: int = 0,
+        seed: int | None = None,
+        tie_decimals: int | None = 6,
         flops_range: tuple[float | None, float | None] | None = None,
         params_range: tuple[float | None, float | None] | None = None,
         input_shape: tuple[int, int, int] | None = None,
@@ -155,6 +175,7 @@ class EvolutionSearch(Callback):
         val_batches: int | None = None,
         naswot_batch_size: int = 128,
         naswot_version: int = 2,
+        naswot_weights: Literal["init", "trained"] = "init",
         run_on: Literal["fit_end", "validate"] = "fit_end",
         dirpath: str | None = None,
         filename: str = "arch.json",
@@ -172,15 +193,18 @@ class EvolutionSearch(Callback):
             )
         if naswot_version not in (1, 2):
             raise MisconfigurationException(f"naswot_version={naswot_version} is not supported; allowed: 1, 2")
+        if naswot_weights not in ("init", "trained"):
+            raise MisconfigurationException(f"naswot_weights={naswot_weights!r} is not supported; allowed: 'init', 'trained'")
+        self.naswot_weights = naswot_weights
         self.ea_kwargs = {
             "population": population, "top_k": top_k, "mutations": mutations, "mutation_prob": mutation_prob,
-            "crossovers": crossovers, "generations": generations, "seed": seed,
+            "crossovers": crossovers, "generations": generations, "seed": seed or 0, "tie_decimals": tie_decimals,
         }
         try:
             Evolution([[0]], **self.ea_kwargs)  # validates the EA settings now, not at the end of a long fit
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
-        self.seed = seed
+        self._seed_arg, self.seed = seed, seed or 0
         self.flops_range, self.params_range, self.input_shape = flops_range, params_range, input_shape
         self.calib_batches, self.val_batches = calib_batches, val_batches
         self.naswot_batch_size, self.naswot_version = naswot_batch_size, naswot_version
@@ -197,6 +221,9 @@ class EvolutionSearch(Callback):
     # ---------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._seed_arg is None:
+            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**31, src=0))  # every rank runs setup
+            self.ea_kwargs["seed"] = self.seed
         if not list_choices(supernet_of(pl_module)):
             raise ValueError(f"EvolutionSearch needs a supernet with Choice layers; {type(pl_module).__name__} has none")
         if self.metric == "angle" and self._tracker(trainer) is None:
@@ -238,13 +265,21 @@ class EvolutionSearch(Callback):
                 raise MisconfigurationException("flops_range/params_range need input_shape or a datamodule with one")
             constraint = CostConstraint(cost, self.flops_range, self.params_range)
         score_many = self._scorer(trainer, pl_module)
-        evolution = Evolution(alive_options(net), constraint=constraint, **self.ea_kwargs)
+        settings = dict(self.ea_kwargs)
+        if trainer.fast_dev_run:  # a bug-finding run: one generation checks the whole search path
+            settings["generations"] = 1
+        evolution = Evolution(alive_options(net), constraint=constraint, **settings)
         fingerprint = self._fingerprint(net)
         self._restore(trainer, evolution, folder, fingerprint)
         self.evolution = evolution
         state_file = folder / "evolution_state.pt"
+        bar = progress(
+            range(evolution.generations - evolution.generation), f"EvolutionSearch ({self.metric_name})", trainer
+        )
         try:
-            while not evolution.done:
+            for _ in bar:
+                if evolution.done:
+                    break
                 candidates = evolution.ask()
                 if not candidates:
                     break
@@ -258,6 +293,7 @@ class EvolutionSearch(Callback):
                         {"search/best": last["best"], "search/topk_mean": last["topk_mean"]}, step=last["generation"]
                     )
         finally:
+            bar.close()
             for choice, index in zip(list_choices(net), active):
                 choice.active = index
         result = self._result(net, evolution, cost)
@@ -268,7 +304,11 @@ class EvolutionSearch(Callback):
             atomic_write_text(json.dumps(result, indent=2), folder / self.filename)
         log_image(trainer, "nas/evolution", progress_figure(evolution.history, self.metric_name))
         best = result["best"]
-        note = f", NAS-Bench-201 {self.benchmark_dataset} {best['nb201'][self.benchmark_dataset]:.2f}%" if "nb201" in best else ""
+        note = ""
+        if "nb201" in best:
+            d = self.benchmark_dataset
+            note = (f", NAS-Bench-201 {d} {best['nb201'][d]:.2f}% (better than {best['nb201']['percentile'][d]:.1f}% "
+                    f"of the 15,625 cells; {best['nb201']['arch_str']})")
         rank_zero_info(f"EvolutionSearch ({self.metric_name}): best {best['ops']} score {best['score']:.6g}{note}")
         if "nb201" in best:
             for logger in trainer.loggers:
@@ -316,8 +356,18 @@ class EvolutionSearch(Callback):
             batches = fixed_batches(dm.train_dataloader, self._batches_for(dm), self.seed)
             x = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])[: self.naswot_batch_size]
             net = supernet_of(pl_module)
-            x = x.to(next(net.parameters()).device)
-            return lambda archs: [naswot_score(net, x, self.naswot_version, arch=a) for a in archs]
+            if self.naswot_weights == "init":
+                with torch.inference_mode(False):  # a copy made under validate's inference mode cannot train
+                    net = reinitialised(net, self.seed)
+
+            def score_naswot(archs: list[list[int]]) -> list[float]:
+                # validate runs under inference mode: its tensors cannot enter autograd (v1) nor be hooked as
+                # versioned tensors (v2), so score outside it with grad on, on a normal copy of the batch
+                with torch.inference_mode(False), torch.enable_grad():
+                    batch = x.clone().to(next(net.parameters()).device)
+                    return [naswot_score(net, batch, self.naswot_version, arch=a) for a in archs]
+
+            return score_naswot
         metric = self.metric
         return lambda archs: [float(metric(pl_module, list(a))) for a in archs]
 
@@ -394,6 +444,10 @@ class EvolutionSearch(Callback):
             bench = NB201()
             entry["nb201"] = {"arch_str": bench.arch_str(bench.index(arch))}
             entry["nb201"].update({d: bench.accuracy(arch, d) for d in NB201.datasets})
+            # share of the 15,625 cells that are strictly worse, in percent
+            entry["nb201"]["percentile"] = {
+                d: float(100.0 * np.mean(bench.accuracies(d) < entry["nb201"][d])) for d in NB201.datasets
+            }
         return entry
 
     def _result(self, net: nn.Module, evolution: Evolution, cost: ArchCost | None) -> dict[str, Any]:

@@ -7,6 +7,11 @@ masked, skipping any op whose removal would empty its decision. Shrinking stops 
 ``space_threshold`` architectures. Optionally the AngleTracker's reference is reset once to the current weights
 after ``reset_reference_after`` dropped ops (ABS: 50).
 
+Degenerate paths (every route cut by ``none``, or only parameter-free ops on the surviving routes) count with
+angle 0, the AngleTracker's ``weight_free="zero"`` rule (RLNAS-NB201 gives disconnected cells 0): they lower the
+mean of the ops they contain instead of lending them the fixed layers' angle. Near-ties are decided by a documented
+rule (:meth:`ProgressivePruner.select_ops_to_drop`).
+
 The decision is computed on rank 0 and broadcast, so near-ties can never split the ranks; dropped ops are
 masked through the ``Choice.alive`` buffers (never deleted, so DDP buckets, optimizer groups and checkpoints stay
 valid). The schedule state lives in ``state_dict``; the shrunk space is written atomically to
@@ -23,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
@@ -64,6 +69,8 @@ class ProgressivePruner(Callback):
         flops_range, params_range: optional feasibility ranges (MACs / parameters, inclusive) for scored paths.
         input_size: input side for the FLOPs table (default: the datamodule's ``input_shape``).
         seed: seed of the path sampling (combined with the step number).
+        tie_decimals: op scores (radians) are compared rounded to this many decimals; ties go to the lower
+            (decision, op) index (see :meth:`select_ops_to_drop`).
 
     Raises:
         MisconfigurationException: for invalid numbers; at setup when no AngleTracker is among the callbacks.
@@ -90,6 +97,7 @@ class ProgressivePruner(Callback):
         params_range: tuple[float | None, float | None] | None = None,
         input_size: int | None = None,
         seed: int = 0,
+        tie_decimals: int = 4,
     ) -> None:
         checks = {"warmup_epochs": (warmup_epochs, 0), "interval": (interval, 1), "paths_per_op": (paths_per_op, 1),
                   "exhaustive_below": (exhaustive_below, 0), "space_threshold": (space_threshold, 1)}
@@ -106,6 +114,8 @@ class ProgressivePruner(Callback):
         self.paths_per_op, self.exhaustive_below, self.space_threshold = paths_per_op, exhaustive_below, space_threshold
         self.max_steps, self.reset_reference_after, self.depth_sampling = max_steps, reset_reference_after, depth_sampling
         self.flops_range, self.params_range, self.input_size, self.seed = flops_range, params_range, input_size, seed
+        self.tie_decimals = tie_decimals
+        self._warned_threshold = False
         self.steps_done, self.dropped_total, self.reset_done, self.finished = 0, 0, False, False
         self.timeline: list[dict[str, Any]] = []
         self.constraint: CostConstraint | None = None
@@ -130,6 +140,13 @@ class ProgressivePruner(Callback):
                 f"drop_per_step={self.drop_per_step} would empty a decision: only {droppable} ops can be dropped "
                 f"while keeping one op per decision (alive ops per decision: {[len(o) for o in options]})"
             )
+        size = space_size(net)
+        if size <= self.space_threshold and not self.finished and not self._warned_threshold:
+            rank_zero_warn(
+                f"ProgressivePruner will never prune: the space already has {size} architectures <= "
+                f"space_threshold={self.space_threshold:g}. Lower space_threshold (e.g. to {max(1, size // 10)})."
+            )
+            self._warned_threshold = True
         if self.flops_range or self.params_range:
             shape = getattr(getattr(trainer, "datamodule", None), "input_shape", None)
             size = self.input_size or getattr(net, "input_size", None)
@@ -180,7 +197,7 @@ class ProgressivePruner(Callback):
             archs = np.array(list(itertools.product(*options)), dtype=np.int64)
             if self.constraint is not None:
                 archs = archs[self.constraint.mask(archs)]
-            angles = stats.path_angles(archs) if len(archs) else np.zeros(0)
+            angles = stats.path_angles(archs, self._weight_free()) if len(archs) else np.zeros(0)
             for d, o in open_ops:
                 hit = archs[:, d] == o if len(archs) else np.zeros(0, dtype=bool)
                 scores[(d, o)] = float(angles[hit].mean()) if hit.any() else -math.inf
@@ -193,14 +210,22 @@ class ProgressivePruner(Callback):
             if len(archs):
                 archs = np.unique(archs, axis=0)
                 archs = archs[rng.permutation(len(archs))[: self.paths_per_op]]
-            scores[(d, o)] = float(stats.path_angles(archs).mean()) if len(archs) else -math.inf
+            scores[(d, o)] = float(stats.path_angles(archs, self._weight_free()).mean()) if len(archs) else -math.inf
         return scores
 
+    def _weight_free(self) -> str:
+        return getattr(self._tracker, "weight_free", "zero")
+
     def select_ops_to_drop(self, scores: dict[tuple[int, int], float], options: list[list[int]]) -> list[tuple[int, int]]:
-        """ABS's global ranking: the lowest-angle ops first, never the last op of a decision."""
+        """ABS's global ranking: the lowest-angle ops first, never the last op of a decision.
+
+        Scores are compared after rounding to ``tie_decimals`` decimals (differences below that are float noise,
+        e.g. from another thread count); equal rounded scores are ordered by (decision, op) index, so the decision
+        does not depend on noise below the tolerance.
+        """
         remaining = [len(o) for o in options]
         drops: list[tuple[int, int]] = []
-        for (d, o), _ in sorted(scores.items(), key=lambda item: (item[1], item[0])):
+        for (d, o), _ in sorted(scores.items(), key=lambda item: (round(item[1], self.tie_decimals), item[0])):
             if len(drops) >= self.drop_per_step:
                 break
             if remaining[d] > 1:
@@ -264,12 +289,14 @@ class ProgressivePruner(Callback):
         """Space size (log10) after each shrink step."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
-        fig = Figure(figsize=(5, 3), dpi=80)
+        fig = Figure(figsize=(5, 3), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        ax.plot([t["epoch"] + 1 for t in self.timeline], [math.log10(t["space_size"]) for t in self.timeline], "o-")
-        ax.set_xlabel("epoch")
+        ax.plot([t["epoch"] for t in self.timeline], [math.log10(t["space_size"]) for t in self.timeline], "o-")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (0-based, as in shrunk_space.json)")
         ax.set_ylabel("log10 |space|")
         ax.set_title("ABS shrinking")
         fig.tight_layout()

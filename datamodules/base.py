@@ -8,12 +8,13 @@ training set without knowing how it was built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ImageTensorDataset(Dataset):
@@ -84,12 +85,72 @@ def check_choice(name: str, value: object, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
 
 
+class ShuffleSampler(Sampler[int]):
+    """A random permutation per epoch from ``generator``, drawn exactly once per epoch.
+
+    (torch's ``RandomSampler`` draws one more permutation when its iterator is exhausted, which worker prefetching
+    does and the single-process loader does not: the order would depend on ``num_workers``.)
+    """
+
+    def __init__(self, data_source: Any, generator: torch.Generator) -> None:
+        self.data_source, self.generator = data_source, generator
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(len(self.data_source), generator=self.generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that can skip its first ``skip_batches`` batches once (a mid-epoch resume) and remembers the
+    state its sampler's generator had when the current epoch began.
+
+    ``skip_batches`` is a constructor argument so that it survives Lightning re-creating the loader (DDP sampler
+    injection). Skipped batches are loaded and dropped: their samples are the ones the interrupted run trained on.
+    """
+
+    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = int(skip_batches)
+        self.epoch_start_state: torch.Tensor | None = None
+
+    def sampler_generator(self) -> torch.Generator | None:
+        return getattr(self.sampler, "generator", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the position lives in the datamodule's ``state_dict`` (which knows the trainer's progress); having
+        the method tells Lightning that the loader resumes mid-epoch."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore here (see :meth:`state_dict`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        generator = self.sampler_generator()
+        self.epoch_start_state = generator.get_state() if generator is not None else None
+        skip, self.skip_batches = self.skip_batches, 0
+        iterator = super().__iter__()
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        return iterator
+
+
 class SplitDataModule(pl.LightningDataModule):
     """Base of every lightning_nd datamodule: holds the three splits and builds their loaders.
 
     Subclasses fill ``train_dataset`` / ``val_dataset`` / ``test_dataset`` in an idempotent ``setup``; a loader
     asked for before ``setup`` runs it. ``collate_fn`` and ``drop_last`` are class attributes (detection batches
     are lists; classification drops a ragged last training batch).
+
+    Resume. The training loader shuffles with a generator of its own, seeded from the global torch RNG when the
+    loader is built (so ``seed_everything`` decides the order), and the datamodule's ``state_dict`` (saved in every
+    checkpoint) holds that generator's state and, for a checkpoint taken mid-epoch, how many batches of the epoch
+    were trained: a resumed run replays the same order and skips the trained batches, so it continues exactly
+    where the interrupted run stopped (``trainer.fit(..., ckpt_path=...)`` == uninterrupted). Worker processes
+    are seeded from a second, fixed-seed generator. Randomness inside the dataset (augmentation) is drawn from the
+    worker's (or, with ``num_workers=0``, the global) RNG and is not part of this guarantee.
 
     Args:
         batch_size: samples per training batch and per process.
@@ -115,6 +176,8 @@ class SplitDataModule(pl.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume: dict[str, Any] | None = None
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         dataset = getattr(self, f"{split}_dataset")
@@ -123,18 +186,45 @@ class SplitDataModule(pl.LightningDataModule):
             dataset = getattr(self, f"{split}_dataset")
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split after setup()")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=type(self).collate_fn,
-            drop_last=self.drop_last and shuffle and len(dataset) >= 2 * batch_size,  # type: ignore[arg-type]
+        common = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": type(self).collate_fn,
+            "drop_last": self.drop_last and shuffle and len(dataset) >= 2 * batch_size,  # type: ignore[arg-type]
+        }
+        if not shuffle:
+            return DataLoader(dataset, **common)
+        order = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))  # drawn from the global RNG
+        workers = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_(generator=order)))
+        skip = 0
+        if self._resume is not None:
+            order.set_state(self._resume["sampler_state"])
+            skip = int(self._resume["skip_batches"])
+            self._resume = None
+        return ResumableDataLoader(
+            dataset, sampler=ShuffleSampler(dataset, order), generator=workers, skip_batches=skip, **common
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        self._train_loader = self._loader("train", True, self.batch_size)  # type: ignore[assignment]
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training order's generator state and the batches of the current epoch already trained."""
+        loader = self._train_loader
+        generator = loader.sampler_generator() if loader is not None else None
+        if generator is None:
+            return {}
+        trainer = getattr(self, "trainer", None)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        mid_epoch = trainer is not None and 0 < done < trainer.num_training_batches
+        state = loader.epoch_start_state if mid_epoch and loader.epoch_start_state is not None else generator.get_state()
+        return {"sampler_state": state.clone(), "skip_batches": done if mid_epoch else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next training loader continues the saved order."""
+        self._resume = dict(state_dict) if state_dict.get("sampler_state") is not None else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)

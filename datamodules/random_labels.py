@@ -26,14 +26,15 @@ class RelabeledDataset(Dataset):
 class RandomLabels(pl.LightningDataModule):
     """Wrap a datamodule and replace its training labels with uniform random ones (RLNAS).
 
-    The labels are drawn once, from a generator seeded by ``seed`` alone, so they are identical on every
-    rank and in every epoch and do not disturb the global RNG; validation and test labels stay true.
+    The labels are drawn once, from a generator seeded by ``seed`` alone (default: the global torch seed, i.e.
+    ``seed_everything``'s, agreed across DDP ranks), so they are identical on every rank and in every epoch and do
+    not disturb the global RNG; validation and test labels stay true.
     The wrapped datamodule must expose ``train_dataset`` after ``setup`` and a ``num_classes`` attribute,
     as every lightning_nd classification datamodule does.
 
     Args:
         datamodule: the datamodule to wrap.
-        seed: seed of the label draw.
+        seed: seed of the label draw (``None``: ``torch.initial_seed()``, set by ``seed_everything``).
 
     Raises:
         ValueError: when the wrapped datamodule has no ``num_classes`` or no ``train_dataset`` after setup.
@@ -43,7 +44,7 @@ class RandomLabels(pl.LightningDataModule):
         dm = RandomLabels(FashionMNISTDataModule(image_size=32, channels=3), seed=0)
     """
 
-    def __init__(self, datamodule: pl.LightningDataModule, seed: int = 0) -> None:
+    def __init__(self, datamodule: pl.LightningDataModule, seed: int | None = None) -> None:
         super().__init__()
         if not isinstance(getattr(datamodule, "num_classes", None), int):
             raise ValueError(
@@ -79,12 +80,23 @@ class RandomLabels(pl.LightningDataModule):
             return
         if isinstance(train, RelabeledDataset):
             return
-        generator = torch.Generator().manual_seed(self.seed)
+        seed = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            seed = trainer.strategy.broadcast(seed, src=0)  # setup runs on every rank
+        generator = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(0, self.num_classes, (len(train),), generator=generator)
         inner.train_dataset = RelabeledDataset(train, self.labels)
 
     def train_dataloader(self) -> DataLoader:
         return self.datamodule.train_dataloader()
+
+    def state_dict(self) -> dict:
+        self.datamodule.trainer = getattr(self, "trainer", None)  # the wrapped module reads the epoch progress
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.datamodule.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self.datamodule.val_dataloader()

@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nd.modules.classifier import ImageClassifier, check_against_data
@@ -42,11 +43,16 @@ class SupernetModule(ImageClassifier):
 
     Args:
         supernet: a network with ``Choice`` layers, or a space name for :func:`~lightning_nd.nas.build_space`.
+            ``"nb201"`` builds the official one-shot supernet, without BN affine parameters inside the cells
+            (ABS/RLNAS; with affine cells the angle ranks NB201 cells backwards, Kendall tau -0.46 in
+            ``benchmarks/results/nas_ranking_ablation.md``) unless ``space_kwargs`` sets ``affine``; standalone
+            builds (``build_space``, ``Subnet``, ``NB201.build``) keep the benchmark's affine BNs.
         num_classes: classes of the task.
         in_chans: input channels (for a space built by name).
         input_size: input side, for a space built by name and for FLOPs constraints (default: the datamodule's).
         space_kwargs: extra arguments of the space (e.g. ``{"C": 4, "N": 1}``).
-        seed: sampler seed shared by all ranks.
+        seed: sampler seed shared by all ranks (``None``: ``torch.initial_seed()``, i.e. ``seed_everything``'s,
+            broadcast from rank 0 at setup).
         flops_range: optional ``(low, high)`` MACs every trained path must satisfy (rejection sampling).
         params_range: optional ``(low, high)`` parameter count every trained path must satisfy.
         flops_bins: SPOS FLOPs-bin sampling: ``[(low, high), ...]`` MACs; one bin per step, uniformly.
@@ -56,6 +62,8 @@ class SupernetModule(ImageClassifier):
             path per epoch.
         calib_batches: training batches for BN recalibration before validation (0 = use training statistics).
         label_smoothing, optimizer, lr_scheduler: see :class:`~lightning_nd.modules.ImageClassifier`.
+        lr_interval: step the ``lr_scheduler`` every ``"epoch"`` or every optimizer ``"step"`` (SPOS's linear
+            per-iteration decay: ``LinearLR(start_factor=1, end_factor=0, total_iters=max_steps)``).
 
     Raises:
         ValueError: for a model without ``Choice`` layers, an unknown space, ``calib_batches < 0``, or a
@@ -77,7 +85,7 @@ class SupernetModule(ImageClassifier):
         in_chans: int = 3,
         input_size: int | None = None,
         space_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         flops_range: tuple[float | None, float | None] | None = None,
         params_range: tuple[float | None, float | None] | None = None,
         flops_bins: list[tuple[float, float]] | None = None,
@@ -88,9 +96,13 @@ class SupernetModule(ImageClassifier):
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: str = "epoch",
     ) -> None:
         if calib_batches < 0:
             raise ValueError(f"calib_batches={calib_batches} must be >= 0")
+        if lr_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_interval={lr_interval!r} is not supported; allowed: 'epoch', 'step'")
+        self.lr_interval = lr_interval
         net = supernet
         if isinstance(supernet, str):
             kwargs = dict(space_kwargs or {})
@@ -98,12 +110,16 @@ class SupernetModule(ImageClassifier):
             kwargs.setdefault("in_chans", in_chans)
             if input_size is not None:
                 kwargs.setdefault("input_size", input_size)
+            if supernet == "nb201":
+                kwargs.setdefault("affine", False)  # the one-shot supernet (see Args)
             net = build_space(supernet, **kwargs)
         with warnings.catch_warnings():  # a module-valued `supernet` is saved with the weights, not as a hparam
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             super().__init__(net, num_classes, in_chans, label_smoothing, optimizer, lr_scheduler)
         if isinstance(supernet, nn.Module):
             self.save_hyperparameters(ignore=["supernet", "optimizer", "lr_scheduler"])
+        self._seed_given = seed is not None
+        seed = torch.initial_seed() % 2**63 if seed is None else seed
         self.sampler = PathSampler(self.net, seed=seed)  # raises for a model without Choice layers
         self.input_size = input_size
         self.flops_range, self.params_range, self.flops_bins = flops_range, params_range, flops_bins
@@ -138,6 +154,8 @@ class SupernetModule(ImageClassifier):
 
     @override
     def setup(self, stage: str) -> None:
+        if not self._seed_given and self.trainer.world_size > 1:
+            self.sampler.seed = int(self.trainer.strategy.broadcast(self.sampler.seed, src=0))  # every rank runs setup
         set_arch(self.net, self.current_arch, allow_dead=True)
         check_against_data(self, self.net, self.num_classes)
         if self.flops_range or self.params_range or self.flops_bins:
@@ -158,6 +176,13 @@ class SupernetModule(ImageClassifier):
                 "fails. Use strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true', "
                 "or DDPStrategy(find_unused_parameters=True)); static_graph=True is not usable."
             )
+
+    @override
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        if isinstance(config, dict) and isinstance(config.get("lr_scheduler"), dict):
+            config["lr_scheduler"]["interval"] = self.lr_interval
+        return config
 
     # ---------------------------------------------------------------- training
     @override
@@ -186,15 +211,21 @@ class SupernetModule(ImageClassifier):
                 p.grad = None
 
     # ---------------------------------------------------------------- validation
-    def _calibration_batches(self) -> Any:
+    def _calibration_batches(self, epoch: int) -> Any:
+        """Training samples for BN recalibration, from a loader of their own (single process, shuffled by a
+        generator seeded with ``(seed, epoch)``): iterating the live training loader would restart its iterator
+        (with persistent workers mid-epoch: some batches trained twice, others never) and draw from its RNG."""
         trainer = self.trainer
         loader = trainer.train_dataloader
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
         if loader is None:
             loader = trainer.val_dataloaders
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        return loader
+            return loader[0] if isinstance(loader, (list, tuple)) else loader
+        dataset = loader.dataset
+        generator = torch.Generator().manual_seed(int(self.sampler.rng(epoch, salt=2).integers(2**62)))
+        return DataLoader(dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
+                          collate_fn=loader.collate_fn)
 
     def validation_arch(self, epoch: int) -> list[int]:
         """The architecture validated at ``epoch``: ``val_arch``, else a path seeded by ``(seed, epoch)``."""
@@ -210,7 +241,9 @@ class SupernetModule(ImageClassifier):
         set_arch(self.net, arch, allow_dead=True)
         if self.calib_batches > 0:
             n = self.calib_batches
-            batches = progress(islice(self._calibration_batches(), n), "BN recalibration", self.trainer, total=n)
+            batches = progress(
+                islice(self._calibration_batches(self.current_epoch), n), "BN recalibration", self.trainer, total=n
+            )
             with torch.inference_mode(False), torch.no_grad():
                 recalibrate_bn(self.net, batches, n, strategy=self.trainer.strategy)
 

@@ -1,6 +1,6 @@
 """One-shot NAS: ``Choice`` layers, architectures, path sampling, search spaces, angle statistics, search, scores."""
 
-from lightning_nd.nas.angle import AngleLayout, AngleStats
+from lightning_nd.nas.angle import ANGLE_PRESETS, AngleLayout, AngleStats, AngleVector
 from lightning_nd.nas.arch import (
     Decision,
     alive_options,
@@ -25,7 +25,9 @@ from lightning_nd.nas.spaces import build_space, list_spaces, register_space
 from lightning_nd.nas.subnet import Subnet
 
 __all__ = [
+    "ANGLE_PRESETS",
     "AngleLayout",
+    "AngleVector",
     "AngleStats",
     "ArchCost",
     "Choice",

@@ -13,6 +13,11 @@ pseudo-weights, identical in v0 and v: an average pool of size k is a constant `
 Paths are evaluated for many architectures at once: gather the per-(decision, op) statistics with an
 ``(n, decisions)`` index array, weight by the multiplicities and sum.
 
+Which weights form v is the *angle vector*: :data:`ANGLE_PRESETS` holds the official ones (``rlnas_nb201`` =
+``abs_nb201``, ``rlnas_mobilenet``, ``abs_mobilenet``; each equals a port of the official code to 1e-6 rad in
+``tests/nas/test_angle.py``), :class:`AngleVector` custom ones; ``cells_only`` drops the fixed layers. Paths without
+any searchable weight are degenerate: see :class:`AngleStats`.
+
 The multiplicity defaults to 1 for every decision. A space whose path vector repeats blocks provides
 ``angle_multiplicity(archs) -> (n, decisions)`` (NAS-Bench-201: an edge counts once per surviving input->output
 path of the cell; a row of zeros means every path was dropped by ``none`` and the angle is defined as 0).
@@ -21,7 +26,7 @@ path of the cell; a row of zeros means every path was dropped by ``none`` and th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -31,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_nd.nas.arch import Decision, decisions
+from lightning_nd.nas.choice import Choice
 
 IdentityMode = Literal["none", "eye"]
 
@@ -68,18 +74,96 @@ def pseudo_norm2(op: nn.Module, channels: int | None, identity: IdentityMode, la
     return float(channels) / float(k * k)
 
 
+@dataclass(frozen=True)
+class AngleVector:
+    """Which weights make up a path's angle vector: one row of the table in ``nas.md`` §5.
+
+    The *fixed* part is every tracked parameter outside the ``Choice`` candidates (stem, fixed reduction blocks,
+    last conv/BN, classifier); the *op* part is the tracked parameters of the chosen candidates. Conv/linear
+    ``.weight`` is always tracked.
+    """
+
+    fixed_norm_affine: bool = False  # BN/GroupNorm/LayerNorm weight and bias of the fixed layers
+    fixed_bias: bool = False  # conv/linear biases of the fixed layers (NB201: the classifier bias)
+    op_norm_affine: int | None = 0  # affine of the first n norm layers of each candidate op (None: all of them)
+    op_bias: bool = False  # conv/linear biases inside candidate ops
+    identity: IdentityMode = "none"  # identity op: nothing (ABS) or an eye(C) pseudo-weight (RLNAS-MobileNet)
+    cells_only: bool = False  # leave the fixed part out: only the chosen ops' weights form the vector
+
+
+# The official vectors. NB201 (ABS ``exps/angle/weight_angle.py``, RLNAS ``exps/algos/weight_angle.py``, the same
+# code): stem conv + stem BN, the reduction blocks' convs and BNs, last BN, classifier weight and bias, and per cell
+# path the conv weights of its ops (cells have affine-free BN); pool = 1/9 kernel, skip = nothing, none drops the
+# path, and a cell whose every path holds ``none`` has angle 0. MobileNet (ABS ``SPOS/shrinking/shrinking.py``
+# ``get_arch_vector``; RLNAS ``evolution_search/test_server.py``): stem conv, the first MBConv's two convs, the last
+# 1x1 conv and the classifier weight (no bias, no BN), plus the three convs of each chosen MBConv; RLNAS adds the
+# weight and bias of the first two BNs of each chosen op and an ``eye(out, in)`` for identity layers.
+ANGLE_PRESETS: dict[str, AngleVector] = {
+    "abs_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
+    "rlnas_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
+    "abs_mobilenet": AngleVector(),
+    "rlnas_mobilenet": AngleVector(op_norm_affine=2, identity="eye"),
+}
+
+
+def angle_vector(
+    preset: str | AngleVector | None = None,
+    include_bn_affine: bool = False,
+    include_bias: bool = False,
+    identity: IdentityMode = "none",
+    cells_only: bool = False,
+) -> AngleVector:
+    """The :class:`AngleVector` of a preset name, or of the loose flags (every norm affine / every bias).
+
+    Raises:
+        ValueError: for an unknown preset or identity mode.
+    """
+    if identity not in ("none", "eye"):
+        raise ValueError(f"identity={identity!r} is not one of ('none', 'eye')")
+    if isinstance(preset, str):
+        if preset not in ANGLE_PRESETS:
+            raise ValueError(f"unknown angle preset {preset!r}; allowed: {sorted(ANGLE_PRESETS)}")
+        preset = ANGLE_PRESETS[preset]
+    if preset is None:
+        preset = AngleVector(
+            fixed_norm_affine=include_bn_affine,
+            fixed_bias=include_bias,
+            op_norm_affine=None if include_bn_affine else 0,
+            op_bias=include_bias,
+            identity=identity,
+        )
+    return replace(preset, cells_only=True) if cells_only and not preset.cells_only else preset
+
+
+_NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def tracked_parameters(
-    net: nn.Module, include_bn_affine: bool = False, include_bias: bool = False
+    net: nn.Module, include_bn_affine: bool | AngleVector = False, include_bias: bool = False
 ) -> dict[str, nn.Parameter]:
-    """The parameters that make up angle vectors: conv/linear ``.weight`` (+ biases, + norm-layer affine)."""
+    """The parameters that make up angle vectors, by name: an :class:`AngleVector`'s selection, or (loose flags)
+    conv/linear ``.weight`` + biases if ``include_bias`` + every norm layer's affine if ``include_bn_affine``."""
+    vector = include_bn_affine if isinstance(include_bn_affine, AngleVector) else angle_vector(
+        None, bool(include_bn_affine), include_bias
+    )
+    in_op: dict[int, int] = {}  # id(module) -> rank among the norm layers of its candidate op (-1: not a norm)
+    for choice in (m for m in net.modules() if isinstance(m, Choice)):
+        for op in choice.candidates:
+            norms = 0
+            for m in op.modules():
+                in_op[id(m)] = norms if isinstance(m, _NORMS) else -1
+                norms += isinstance(m, _NORMS)
     chosen: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for prefix, module in net.named_modules():
+        fixed = id(module) not in in_op
         names: list[str] = []
         if isinstance(module, (_ConvNd, nn.Linear)):
-            names = ["weight"] + (["bias"] if include_bias else [])
-        elif include_bn_affine and isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-            names = ["weight", "bias"]
+            names = ["weight"] + (["bias"] if (vector.fixed_bias if fixed else vector.op_bias) else [])
+        elif isinstance(module, _NORMS):
+            limit = vector.op_norm_affine
+            if (vector.fixed_norm_affine if fixed else (limit is None or in_op[id(module)] < limit)):
+                names = ["weight", "bias"]
         for name in names:
             param = getattr(module, name, None)
             if isinstance(param, nn.Parameter) and id(param) not in seen:
@@ -98,23 +182,21 @@ class AngleLayout:
     const: np.ndarray  # per flat block: summed squared norm of the pseudo-weights over the decision's layers
     decisions: list[Decision]
     multiplicity: Callable[[np.ndarray], np.ndarray] | None  # the space's angle_multiplicity, if any
+    cells_only: bool = False  # the fixed part is left out of every path vector
 
     @classmethod
     def build(
         cls,
         net: nn.Module,
-        include_bn_affine: bool = False,
-        include_bias: bool = False,
-        identity: IdentityMode = "none",
+        vector: AngleVector | None = None,
         channels: Mapping[str, int] | None = None,
     ) -> AngleLayout:
-        """Assign every tracked parameter of ``net`` to a block.
+        """Assign every tracked parameter of ``net`` (selected by ``vector``, default ABS's) to a block.
 
         Raises:
-            ValueError: for a model without ``Choice`` layers or an unknown ``identity`` mode.
+            ValueError: for a model without ``Choice`` layers.
         """
-        if identity not in ("none", "eye"):
-            raise ValueError(f"identity={identity!r} is not one of ('none', 'eye')")
+        vector = vector or AngleVector()
         found = decisions(net)
         if not found:
             raise ValueError(f"{type(net).__name__} has no Choice layers: angles need a supernet")
@@ -128,12 +210,16 @@ class AngleLayout:
                     flat = int(offsets[d_idx] + o)
                     for p in op.parameters():
                         owner.setdefault(id(p), flat)
-                    const[flat] += pseudo_norm2(op, (channels or {}).get(layer.label), identity, layer.label)
-        params = tracked_parameters(net, include_bn_affine, include_bias)
+                    const[flat] += pseudo_norm2(op, (channels or {}).get(layer.label), vector.identity, layer.label)
+        params = tracked_parameters(net, vector)
         names = list(params)
         block_of = np.array([owner.get(id(params[n]), -1) for n in names], dtype=np.int64)
+        if vector.cells_only:
+            names, block_of = [n for n, b in zip(names, block_of) if b >= 0], block_of[block_of >= 0]
         multiplicity = getattr(net, "angle_multiplicity", None)
-        return cls(names, block_of, offsets, const, found, multiplicity if callable(multiplicity) else None)
+        return cls(
+            names, block_of, offsets, const, found, multiplicity if callable(multiplicity) else None, vector.cells_only
+        )
 
 
 @torch.no_grad()
@@ -154,11 +240,18 @@ def parameter_stats(
 class AngleStats:
     """Block statistics of one evaluation; every path and op angle follows from them (see the module doc).
 
+    Degenerate paths. A path whose vector holds no searchable weight, i.e. every input->output route is cut by
+    ``none`` (*disconnected*) or carries only parameter-free ops (skip, pooling: *weight-free*), is not ranked by
+    how its weights moved: its official angle is 0 (disconnected, RLNAS/ABS-NB201) or the angle of the fixed
+    layers alone, identical for all such paths, which is what made the quickstart pick a pooling-only cell. With
+    ``weight_free="zero"`` (the :class:`~lightning_nd.callbacks.AngleTracker` default) both kinds get angle 0, the
+    smallest possible, so they rank last in shrinking and search; ``"official"`` keeps the official values.
+
     Example::
 
-        layout = AngleLayout.build(net)
+        layout = AngleLayout.build(net, ANGLE_PRESETS["rlnas_nb201"])
         stats = AngleStats.compute(layout, dict(net.named_parameters()), reference)
-        stats.path_angles(np.array([[0, 1, 2], [1, 1, 0]]))
+        stats.path_angles(np.array([[0, 1, 2, 3, 4, 3], [3, 3, 3, 3, 3, 3]]))
     """
 
     def __init__(self, layout: AngleLayout, per_param: np.ndarray) -> None:
@@ -167,6 +260,7 @@ class AngleStats:
         self.fixed = per_param[fixed].sum(axis=0) if fixed.any() else np.zeros(3)
         self.blocks = np.zeros((len(layout.const), 3), dtype=np.float64)
         np.add.at(self.blocks, layout.block_of[~fixed], per_param[~fixed])
+        self.has_weights = self.blocks[:, 1] > 0  # per block: the op holds tracked weights
         # pseudo-weights are identical in both vectors: they add c to the dot product and to both norms
         self._blocks_c = self.blocks + layout.const[:, None]
 
@@ -176,31 +270,43 @@ class AngleStats:
     ) -> AngleStats:
         return cls(layout, parameter_stats(params, reference, layout.names))
 
-    def path_cos(self, archs: np.ndarray) -> np.ndarray:
-        """cos θ of every row of an ``(n, decisions)`` array (1 for rows whose every path is dropped)."""
+    def _multiplicity(self, archs: np.ndarray) -> np.ndarray:
+        if self.layout.multiplicity is None:
+            return np.ones(archs.shape, dtype=np.float64)
+        return np.asarray(self.layout.multiplicity(archs), dtype=np.float64)
+
+    def weight_free(self, archs: np.ndarray) -> np.ndarray:
+        """Per row of an ``(n, decisions)`` array: no searchable weight in its vector (disconnected or only
+        parameter-free ops on its surviving routes)."""
+        archs = np.atleast_2d(np.asarray(archs, dtype=np.int64))
+        weighted = self.has_weights[archs + self.layout.offsets]
+        return ~np.any((self._multiplicity(archs) > 0) & weighted, axis=1)
+
+    def path_cos(self, archs: np.ndarray, weight_free: Literal["zero", "official"] = "zero") -> np.ndarray:
+        """cos θ of every row of an ``(n, decisions)`` array (1, i.e. θ = 0, for degenerate rows; see the class doc)."""
         archs = np.atleast_2d(np.asarray(archs, dtype=np.int64))
         gathered = self._blocks_c[archs + self.layout.offsets]  # (n, D, 3)
-        dropped = np.zeros(len(archs), dtype=bool)
-        if self.layout.multiplicity is not None:
-            mult = np.asarray(self.layout.multiplicity(archs), dtype=np.float64)
-            dropped = mult.sum(axis=1) == 0
-            totals = self.fixed + np.einsum("nd,ndk->nk", mult, gathered)
-        else:
-            totals = self.fixed + gathered.sum(axis=1)
+        mult = self._multiplicity(archs)
+        totals = self.fixed + np.einsum("nd,ndk->nk", mult, gathered)
         denom = np.sqrt(totals[:, 1] * totals[:, 2])
         with np.errstate(invalid="ignore", divide="ignore"):
             cos = np.where(denom > 0, totals[:, 0] / denom, 1.0)
         cos = np.clip(cos, -1.0, 1.0)
-        cos[dropped] = 1.0
+        cos[mult.sum(axis=1) == 0] = 1.0  # every route dropped by none: 0 in the official code
+        if weight_free == "zero":
+            cos[self.weight_free(archs)] = 1.0
+        elif weight_free != "official":
+            raise ValueError(f"weight_free={weight_free!r} is not one of ('zero', 'official')")
         return cos
 
-    def path_angles(self, archs: np.ndarray) -> np.ndarray:
-        """θ (radians) of every row of an ``(n, decisions)`` array; 0 where every path is dropped."""
-        return np.arccos(self.path_cos(archs))
+    def path_angles(self, archs: np.ndarray, weight_free: Literal["zero", "official"] = "zero") -> np.ndarray:
+        """θ (radians) of every row of an ``(n, decisions)`` array; 0 for degenerate rows (see the class doc)."""
+        return np.arccos(self.path_cos(archs, weight_free))
 
     def op_angles(self) -> list[list[float]]:
-        """θ of each op's own weights (summed over the layers of its decision); NaN for ops without weights."""
-        b = self._blocks_c
+        """θ of each op's own tracked weights (summed over the layers of its decision); NaN for ops without weights
+        (none, skip, pooling: their pseudo-weights never move, so an op angle would be 0 by construction)."""
+        b = self.blocks
         denom = np.sqrt(b[:, 1] * b[:, 2])
         with np.errstate(invalid="ignore", divide="ignore"):
             theta = np.where(denom > 0, np.arccos(np.clip(b[:, 0] / denom, -1.0, 1.0)), np.nan)

@@ -13,7 +13,13 @@ Single Path One-Shot (Guo et al.) searches a trained supernet with a simple gene
 
 :class:`Evolution` knows nothing about supernets: it sees the alive options of every decision
 (:func:`lightning_nd.nas.alive_options`), an optional ``constraint(arch) -> bool`` and the scores it is told (higher is
-better; NaN counts as the worst). ``ask()`` proposes a whole generation, so a caller may score it any way it likes,
+better; NaN counts as the worst).
+
+Ties. Scores are ranked after rounding to ``tie_decimals`` decimals, so differences below that (float noise from
+another thread count, machine or reduction order) cannot reorder the ranking; equal rounded scores are ordered by
+an optional ``tiebreak(arch)`` (higher first) and then by the architecture encoding (lexicographically smallest
+first). The rule is deterministic: the best architecture and the parents of every generation do not depend on
+evaluation order or on noise below the tolerance. ``ask()`` proposes a whole generation, so a caller may score it any way it likes,
 e.g. split across DDP ranks; ``tell()`` records the scores. The random draws of generation ``g`` come from
 ``numpy.random.default_rng([seed, g])``, so the search is a function of the seed and the scores alone, and its
 :meth:`state_dict` (plain lists and numbers) resumes it exactly.
@@ -21,6 +27,7 @@ e.g. split across DDP ranks; ``tell()`` records the scores. The random draws of 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,8 +37,10 @@ import numpy as np
 Arch = list[int]
 
 
-def _key(score: float) -> float:
-    return -math.inf if math.isnan(score) else score
+def _key(score: float, decimals: int | None) -> float:
+    if math.isnan(score):
+        return -math.inf
+    return round(score, decimals) if decimals is not None else score
 
 
 class Evolution:
@@ -49,6 +58,8 @@ class Evolution:
         seed: the search's seed.
         max_random_tries: tries to draw one generation's random architectures before giving up (a small or tightly
             constrained space may have fewer feasible, unseen architectures than the population).
+        tie_decimals: scores are ranked rounded to this many decimals (``None``: exact); see the module doc.
+        tiebreak: ``tiebreak(arch) -> float`` ordering equal rounded scores (higher first), before the encoding.
 
     Raises:
         ValueError: for an empty space or decision, non-positive sizes, ``mutation_prob`` outside [0, 1], or
@@ -76,6 +87,8 @@ class Evolution:
         generations: int = 20,
         seed: int = 0,
         max_random_tries: int = 10_000,
+        tie_decimals: int | None = 6,
+        tiebreak: Callable[[Arch], float] | None = None,
     ) -> None:
         self.options = [[int(i) for i in opts] for opts in options]
         if not self.options or any(not opts for opts in self.options):
@@ -95,6 +108,8 @@ class Evolution:
         self.population, self.top_k, self.generations = int(population), int(top_k), int(generations)
         self.mutations, self.crossovers, self.mutation_prob = int(mutations), int(crossovers), float(mutation_prob)
         self.seed, self.max_random_tries = int(seed), int(max_random_tries)
+        self.tie_decimals, self.tiebreak = tie_decimals, tiebreak
+        self._tiebreaks: dict[tuple[int, ...], float] = {}
         self.generation = 0  # completed generations
         self.records: list[tuple[Arch, float]] = []  # every evaluated architecture and its score, in order
         self.history: list[dict[str, Any]] = []  # per generation: scores, best so far, top-k mean
@@ -178,9 +193,20 @@ class Evolution:
 
     # ------------------------------------------------------------------ results
     def top(self, k: int | None = None) -> list[tuple[Arch, float]]:
-        """The ``k`` best (architecture, score) pairs seen so far, best first; ties keep evaluation order."""
-        ranked = sorted(self.records, key=lambda r: _key(r[1]), reverse=True)
+        """The ``k`` best (architecture, score) pairs seen so far, best first, ties broken as the module doc says."""
+        ranked = sorted(self.records, key=lambda r: (-_key(r[1], self.tie_decimals), r[0]))
+        if self.tiebreak is not None:  # evaluated only inside groups of tied scores (it may be costly)
+            groups = itertools.groupby(ranked, key=lambda r: _key(r[1], self.tie_decimals))
+            tied = [list(g) for _, g in groups]
+            ranked = [r for g in tied for r in (sorted(g, key=lambda r: (-self._secondary(r[0]), r[0])) if len(g) > 1 else g)]
         return [(list(a), s) for a, s in ranked[: k or len(ranked)]]
+
+    def _secondary(self, arch: Arch) -> float:
+        key = tuple(arch)
+        if key not in self._tiebreaks:
+            value = float(self.tiebreak(list(arch)))
+            self._tiebreaks[key] = -math.inf if math.isnan(value) else value
+        return self._tiebreaks[key]
 
     @property
     def best(self) -> tuple[Arch, float]:
@@ -226,7 +252,7 @@ class Evolution:
         return {
             "options": self.options, "population": self.population, "top_k": self.top_k,
             "mutations": self.mutations, "mutation_prob": self.mutation_prob, "crossovers": self.crossovers,
-            "generations": self.generations, "seed": self.seed,
+            "generations": self.generations, "seed": self.seed, "tie_decimals": self.tie_decimals,
         }
 
     # ------------------------------------------------------------------ operators

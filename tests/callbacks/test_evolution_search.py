@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,9 +14,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_nd.callbacks import AngleTracker, EvolutionSearch
-from lightning_nd.datamodules import ClassificationDataModule
+from lightning_nd.datamodules import ClassificationDataModule, DigitsDataModule
 from lightning_nd.modules import SupernetModule
-from lightning_nd.nas import Choice, count_params, export_subnet
+from lightning_nd.nas import Choice, Evolution, count_params, export_subnet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "nas"
 DECISIONS, WIDTH = 5, 4
@@ -195,7 +196,7 @@ def test_standalone_search_on_a_saved_checkpoint(tmp_path):
     net = BranchNet({"a": linear(1.0), "b": linear(1.0), "c": linear(1.0)})
     module = SupernetModule(net, num_classes=WIDTH, in_chans=WIDTH, calib_batches=0,
                             optimizer=functools.partial(torch.optim.SGD, lr=0.5))  # weights move: a real angle
-    trainer = fit(module, [AngleTracker(), EvolutionSearch(metric="angle", dirpath=str(tmp_path / "fit"), **EA)],
+    trainer = fit(module, [AngleTracker(), EvolutionSearch(metric="angle", dirpath=str(tmp_path / "fit"), seed=0, **EA)],
                   tmp_path, max_steps=4)
     trainer.save_checkpoint(tmp_path / "supernet.ckpt")
     at_fit_end = read(tmp_path / "fit" / "arch.json")
@@ -205,7 +206,7 @@ def test_standalone_search_on_a_saved_checkpoint(tmp_path):
                            in_chans=WIDTH, calib_batches=0)
     validator = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                            enable_model_summary=False, default_root_dir=tmp_path,
-                           callbacks=[AngleTracker(), EvolutionSearch(metric="angle", run_on="validate",
+                           callbacks=[AngleTracker(), EvolutionSearch(metric="angle", run_on="validate", seed=0,
                                                                       dirpath=str(tmp_path / "ckpt"), **EA)])
     validator.validate(fresh, datamodule=ToyData(), ckpt_path=str(tmp_path / "supernet.ckpt"))
     standalone = read(tmp_path / "ckpt" / "arch.json")
@@ -283,7 +284,7 @@ def search_args(config, **init_args):
 def test_rlnas_config_runs_on_every_space(tmp_path, space):
     run_config(tmp_path, "rlnas_nb201.yaml", lambda c: search_args(c, generations=2), *space)
     result = read(tmp_path / "runs" / "rlnas_nb201" / "arch.json")
-    assert result["metric"] == "angle" and result["evaluated"] == 100
+    assert result["metric"] == "angle" and result["evaluated"] == 50  # fast_dev_run: one generation
     assert ("nb201" in result["best"]) == (not space)
     if not space:
         assert 10.0 <= result["best"]["nb201"]["cifar10"] <= 94.38
@@ -322,3 +323,31 @@ def test_scoring_batches_depend_on_the_seed_alone():
     other = fixed_batches(dm.train_dataloader, 3, seed=5)
     assert not torch.equal(other[0][0], cached[0][0])
     assert len(fixed_batches(dm.val_dataloader, None, seed=0)) == len(dm.val_dataloader())
+
+
+def test_naswot_runs_under_validate_inference_mode(tmp_path):
+    """metric='naswot' with run_on='validate': scored outside inference mode, with grad on (v1 needs autograd)."""
+    torch.manual_seed(0)
+    module = SupernetModule("nb201", num_classes=10, space_kwargs={"C": 4, "N": 1}, calib_batches=0)
+    for version in (1, 2):
+        search = EvolutionSearch(metric="naswot", naswot_version=version, run_on="validate", naswot_batch_size=16,
+                                 dirpath=str(tmp_path / f"v{version}"), seed=0, **EA)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, callbacks=[search],
+                             limit_val_batches=1, inference_mode=True)
+        trainer.validate(module, datamodule=DigitsDataModule(image_size=8, channels=3, batch_size=16))
+        best = read(tmp_path / f"v{version}" / "arch.json")["best"]
+        assert np.isfinite(best["score"]) and 0.0 <= best["nb201"]["percentile"]["cifar10"] <= 100.0
+
+
+def test_ties_are_broken_by_the_encoding_not_by_evaluation_order():
+    """Scores equal up to tie_decimals rank by architecture encoding, whatever the order they were told in."""
+    options = [[0, 1, 2], [0, 1, 2]]
+    picks = []
+    for order in ([[2, 2], [0, 1], [1, 0]], [[1, 0], [2, 2], [0, 1]]):
+        evolution = Evolution(options, population=3, top_k=3, mutations=0, crossovers=0, generations=1)
+        evolution.pending = order
+        noise = {(2, 2): 0.5 + 3e-8, (0, 1): 0.5 - 2e-8, (1, 0): 0.5}  # float noise below 1e-6
+        evolution.tell(order, [noise[tuple(a)] for a in order])
+        picks.append([a for a, _ in evolution.top()])
+    assert picks[0] == picks[1] == [[0, 1], [1, 0], [2, 2]]

@@ -105,6 +105,33 @@ def test_bad_schedules_are_clear_errors():
         ProgressivePruner(interval=0)
 
 
+def test_warns_once_when_the_threshold_is_already_met():
+    model = SupernetModule("nb201", num_classes=10, in_chans=1, space_kwargs={"C": 4, "N": 1})
+    pruner = ProgressivePruner(warmup_epochs=1, space_threshold=1e6)  # 15,625 cells <= 1e6: it can never prune
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[AngleTracker(heatmap=False), pruner], limit_val_batches=0)
+    with pytest.warns(UserWarning, match="will never prune.*15625 architectures <= space_threshold=1e\\+06") as record:
+        trainer.fit(model, DigitsDataModule())
+        pruner.setup(trainer, model, "fit")  # a second setup (e.g. validate after fit): no second warning
+    assert sum("will never prune" in str(w.message) for w in record) == 1
+
+
+def test_timeline_picture_uses_the_recorded_epochs():
+    pruner = ProgressivePruner()
+    pruner.timeline = [{"epoch": 3, "space_size": 6000}, {"epoch": 5, "space_size": 1000}]
+    ax = pruner.timeline_figure().axes[0]
+    assert list(ax.lines[0].get_xdata()) == [3, 5]  # as in shrunk_space.json
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_near_ties_are_decided_by_index_not_by_noise():
+    pruner = ProgressivePruner(drop_per_step=1, tie_decimals=4)
+    options = [[0, 1], [0, 1]]
+    low = {(0, 1): 0.31230001, (1, 0): 0.31229999, (0, 0): 0.5, (1, 1): 0.5}  # equal at 4 decimals
+    flipped = {(0, 1): 0.31229999, (1, 0): 0.31230001, (0, 0): 0.5, (1, 1): 0.5}
+    assert pruner.select_ops_to_drop(low, options) == pruner.select_ops_to_drop(flipped, options) == [(0, 1)]
+
+
 class RankCheck(pl.Callback):
     """Inside each worker: record the paths, masks and BN statistics; compare across ranks with all_gather."""
 

@@ -18,7 +18,7 @@ def test_shapes_configs_run_with_their_logger(name, tmp_path):
     # the config's own logger stays on: it logs the module's and the datamodule's hyperparameters together, which
     # fails when the two share a key with different values (the detector's and the shapes' size ranges once did)
     main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
     assert list(tmp_path.rglob("hparams.yaml")) or list(tmp_path.rglob("config.yaml"))
 

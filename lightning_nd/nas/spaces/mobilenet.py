@@ -4,12 +4,15 @@
 picks an MBConv with kernel 3/5/7 and expand ratio 3/6 (6 ops) or, except in layer 0 and the first layer of each
 later stage (the layers that change width or stride: 0, 4, 8, 12, 16, 20), an ``identity`` (7 ops):
 6^6 · 7^15 ≈ 2.2e17 paths. Widths (ImageNet): 32 x4, 56 x4, 112 x4, 128 x4, 256 x4, 432 x1; a 1x1 conv to 1728,
-global pooling and the classifier. An MBConv is ``[1x1 conv, BN, ReLU, kxk depthwise, BN, ReLU, 1x1 conv, BN]``
-(the three convs are ABS's ``conv[0]``, ``conv[3]``, ``conv[6]``), with a residual when shapes allow.
+global pooling and the classifier. An MBConv is ``[1x1 conv, BN, ReLU6, kxk depthwise, BN, ReLU6, 1x1 conv, BN]``
+(the three convs are ABS's ``conv[0]``, ``conv[3]``, ``conv[6]``), with a residual when shapes allow. As in the
+official supernets, activations are ReLU6 and every conv is initialised ``normal(0, sqrt(2 / (k² · C_out)))`` with
+BN weight 1 and bias 0: the initial scales enter the angle's cosine directly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,10 +36,10 @@ class MBConv(nn.Sequential):
         super().__init__(
             nn.Conv2d(inp, mid, 1, bias=False),
             nn.BatchNorm2d(mid),
-            nn.ReLU(inplace=True),
+            nn.ReLU6(inplace=True),
             nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False),
             nn.BatchNorm2d(mid),
-            nn.ReLU(inplace=True),
+            nn.ReLU6(inplace=True),
             nn.Conv2d(mid, oup, 1, bias=False),
             nn.BatchNorm2d(oup),
         )
@@ -102,12 +105,12 @@ class MobileNetSupernet(nn.Module):
         self.input_size = input_size
         stem, first = w(stem_channels), w(first_channels)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
+            nn.Conv2d(in_chans, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)
         )
         self.first = nn.Sequential(
             nn.Conv2d(stem, stem, 3, 1, 1, groups=stem, bias=False),
             nn.BatchNorm2d(stem),
-            nn.ReLU(inplace=True),
+            nn.ReLU6(inplace=True),
             nn.Conv2d(stem, first, 1, bias=False),
             nn.BatchNorm2d(first),
         )
@@ -123,9 +126,16 @@ class MobileNetSupernet(nn.Module):
             c, raw = out, raw_out
         self.features = nn.Sequential(*blocks)
         last = w(last_channels)
-        self.conv_last = nn.Sequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU(inplace=True))
+        self.conv_last = nn.Sequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True))
         self.globalpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last, num_classes)
+        for m in self.modules():  # the official initialisation (see the module doc)
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_last(self.features(self.first(self.stem(x))))
