@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
@@ -69,10 +70,22 @@ def check_accelerator(trainer_config: dict) -> None:
 class LndCLI(LightningCLI):
     """LightningCLI with readable configuration errors, prediction files, resumable metrics and a run report."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--torch_threads", type=Optional[int], default=None,
+            help="torch intra-op threads for this run (torch.set_num_threads). Float reductions depend on the thread "
+                 "count, so a run whose result must not depend on the machine's cores (the quickstart's pick) sets it.",
+        )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
         check_accelerator(trainer.as_dict() if hasattr(trainer, "as_dict") else dict(trainer or {}))
+        threads = config.get("torch_threads")
+        if threads is not None:
+            if threads < 1:
+                raise MisconfigurationException(f"torch_threads={threads} must be >= 1 (or null: torch's default)")
+            torch.set_num_threads(threads)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -51,7 +51,7 @@ def run(folder, max_epochs=3, num_workers=0, ckpt_path=None, checkpoint_every=No
     if checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=checkpoint_every, save_top_k=-1))
     trainer = pl.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(checkpoint_every), callbacks=callbacks,
+                         enable_model_summary=False, default_root_dir=folder, enable_checkpointing=bool(checkpoint_every), callbacks=callbacks,
                          limit_val_batches=trainer_kw.pop("limit_val_batches", 0), **trainer_kw)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return {"best": search.result["best"]["arch"] if search.result else None,

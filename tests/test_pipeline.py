@@ -66,3 +66,31 @@ def test_quickstart_search_then_retrain_and_deploy():
     got = deploy(x)
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
     assert (expected - got).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.slow
+def test_quickstart_pick_does_not_depend_on_the_thread_count(tmp_path):
+    """The quickstart as written, seed 2 (where 1 and 2 unpinned threads trained into different picks), run under
+    OMP_NUM_THREADS=1 and 2 side by side: same pick, same score, same shrunk space (``torch_threads: 1`` pins it)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for threads in (1, 2):
+        folder = tmp_path / f"t{threads}"
+        cmd = [sys.executable, "-m", "lightning_nd", "fit", "-c", str(CONFIGS / "quickstart.yaml"),
+               "--seed_everything=2", f"--trainer.default_root_dir={folder}",
+               f"--trainer.logger.init_args.save_dir={folder}", "--trainer.enable_progress_bar=false"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        runs[threads] = (folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    results = {}
+    for threads, (folder, process) in runs.items():
+        _, err = process.communicate(timeout=900)
+        assert process.returncode == 0, err.decode()[-2000:]
+        run = folder / "quickstart" / "search"
+        results[threads] = (json.loads((run / "arch.json").read_text())["best"],
+                            json.loads((run / "shrunk_space.json").read_text())["alive"])
+    (best1, alive1), (best2, alive2) = results[1], results[2]
+    assert alive1 == alive2
+    assert best1["arch"] == best2["arch"] and best1["score"] == best2["score"]
