@@ -151,7 +151,7 @@ def _arch_file(tmp_path, name, text):
         ("arch from another space", r"does not fit the 'nb201' space"),
         ("ValueError in __init__", r"label_smoothing=1.5 must be in \[0, 1\)"),
         ("ValueError at setup", r"num_classes=5 does not match the data.*set model num_classes to 10"),
-        ("mobilenet given nb201 kwargs", r"'C'"),
+        ("mobilenet given nb201 kwargs", r"'mobilenet' takes no argument\(s\) \['C', 'N'.*; it takes \['num_classes', 'in_chans'"),
     ],
 )
 def test_configuration_errors_end_with_the_cause(case, expected, repo_root, tmp_path, capsys):

@@ -6,6 +6,7 @@ Every space accepts ``num_classes``, ``in_chans`` and ``input_size``; register y
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ def build_space(name: str, **kwargs: Any) -> nn.Module:
     """Build a supernet by name.
 
     Raises:
-        ValueError: for an unknown name (listing the known ones).
+        ValueError: for an unknown name (listing the known ones), or keyword arguments the space does not take
+            (listing the ones it takes).
 
     Example::
 
@@ -50,7 +52,13 @@ def build_space(name: str, **kwargs: Any) -> nn.Module:
     """
     if name not in _SPACES:
         raise ValueError(f"unknown search space {name!r}; known: {list_spaces()}")
-    return _SPACES[name](**kwargs)
+    builder = _SPACES[name]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(f"search space {name!r} takes no argument(s) {unknown}; it takes {list(params)}")
+    return builder(**kwargs)
 
 
 __all__ = [
