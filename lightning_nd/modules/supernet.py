@@ -217,15 +217,16 @@ class SupernetModule(ImageClassifier):
         (with persistent workers mid-epoch: some batches trained twice, others never) and draw from its RNG."""
         trainer = self.trainer
         loader = trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        if loader is None:
+        # Before training starts (sanity check) or in validate(), take the training set from the datamodule rather
+        # than calling its train_dataloader(): that would build a loader (workers) and draw from the global RNG.
+        dataset = loader.dataset if loader is not None else getattr(trainer.datamodule, "train_dataset", None)
+        if dataset is None:
             loader = trainer.val_dataloaders
             return loader[0] if isinstance(loader, (list, tuple)) else loader
-        dataset = loader.dataset
+        batch_size = loader.batch_size if loader is not None else getattr(trainer.datamodule, "batch_size", 1)
+        collate_fn = loader.collate_fn if loader is not None else getattr(trainer.datamodule, "collate_fn", None)
         generator = torch.Generator().manual_seed(int(self.sampler.rng(epoch, salt=2).integers(2**62)))
-        return DataLoader(dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
-                          collate_fn=loader.collate_fn)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
 
     def validation_arch(self, epoch: int) -> list[int]:
         """The architecture validated at ``epoch``: ``val_arch``, else a path seeded by ``(seed, epoch)``."""
