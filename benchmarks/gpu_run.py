@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training parts side by side on the device (default: yes on the GPU, no with --smoke)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per part (default 4; 1 smoke)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing row")
+    parser.add_argument("--start-method", choices=("auto", "fork", "spawn"), default="auto",
+                        help="how parts start (auto: fork, unless a forked process cannot initialise CUDA)")
     parser.add_argument("--overrun", default="", help=argparse.SUPPRESS)  # tests: parts that ignore their budget
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["threads"] = args.threads
     if args.no_compile:
         overrides["compile"] = False
+    overrides["start_method"] = args.start_method
     cfg, skipped, fatal = preflight(cfg.with_(**overrides), parts, args.data_dir)
     if fatal:
         for problem in fatal:

@@ -99,3 +99,52 @@ def test_device_data_is_the_datamodules_data_and_plans_fit_the_budget(monkeypatc
     assert plan_steps(30, per_step=0.01, seconds_left=100, steps_per_epoch=429, max_steps=3500) == 3500
     assert plan_steps(30, per_step=0.01, seconds_left=10, steps_per_epoch=429, max_steps=3500) == 2 * 429
     assert plan_steps(30, per_step=1.0, seconds_left=1, steps_per_epoch=429, max_steps=None) == 30
+
+
+def test_budget_schedule_skips_the_first_steps_and_replans_when_steps_slow_down(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from types import SimpleNamespace
+
+    from gpu_run import common
+
+    clock = [0.0]  # a fake clock: each step advances it by the step's "duration"
+    monkeypatch.setattr(common, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    schedule = common.BudgetSchedule(deadline=100.0, steps_per_epoch=10, calib_steps=5, calib_from=2)
+    trainer = SimpleNamespace(global_step=0, should_stop=False, optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])])
+    schedule.on_train_start(trainer, None)
+    lrs = []
+    for _ in range(20):  # epochs, as Lightning runs them: the epoch ends early once should_stop is set
+        schedule.on_train_epoch_start(trainer, None)
+        for _ in range(10):
+            schedule.on_train_batch_start(trainer, None, None, 0)
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            # 2 slow first steps (a GPU loads kernels), then 1 s per step, then 2 s from step 10 (the device is shared)
+            clock[0] += 5.0 if trainer.global_step < 2 else 1.0 if trainer.global_step < 10 else 2.0
+            trainer.global_step += 1
+            schedule.on_train_batch_end(trainer, None, None, None, 0)
+            if trainer.should_stop:
+                break
+        schedule.on_train_epoch_end(trainer, None)
+        if trainer.should_stop:
+            break
+    # planned from steps 2-4 only (1 s each): 82 more steps fit in the 87 s left, rounded down to whole epochs; timing
+    # from step 0 would have planned 30
+    assert schedule.plans[0] == 80
+    # the slow-down is seen at the epoch ends: the run ends at its new plan, before the deadline, with the cosine at 0
+    assert trainer.global_step == 50 and schedule.total_steps == 50 and not schedule.stopped_by_deadline
+    assert clock[0] <= 100.0 and lrs[-1] < 0.01 * 0.1 and len(schedule.epoch_times) == 5
+
+
+def test_parts_are_spawned_when_a_forked_process_cannot_initialise_cuda(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_run.runner import start_method
+
+    def poisoned() -> None:  # what torch raises in a forked child once the parent initialised the CUDA driver
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", poisoned)
+    assert start_method("cuda") == "spawn"  # the forked probe failed: spawned parts initialise CUDA themselves
+    assert start_method("cpu") == "fork"  # no probe on the CPU
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    assert start_method("cuda") == "fork"

@@ -28,11 +28,13 @@ class Config:
     final_s: float = 8.0  # kept for the last write
     overrun: tuple[str, ...] = ()  # fault injection (tests): these parts ignore their budget after their first report
     threads: int = 4  # torch CPU threads per part
+    start_method: str = "auto"  # how parts start: fork, spawn, or auto (fork unless a forked process cannot use CUDA)
     test_subset: int | None = None  # evaluate classifiers on the first N official test images (None: all 10,000)
     data_dir: Path | None = None  # Fashion-MNIST idx folder (found up front)
     seed: int = 0
     compile: bool = True  # also time torch.compile'd RepVGG-A0 forms (kept only as an extra row)
     calib_steps: int = 30  # timed steps before a training run plans how many steps fit
+    calib_skip: int = 5  # untimed steps before them (on a GPU the first steps load kernels and create handles)
     # NAS
     nas_C: int = 16
     nas_N: int = 5
@@ -80,7 +82,7 @@ class Config:
         """Tiny sizes on the CPU: every code path of the GPU run, bounded by step counts, not by the budget."""
         return replace(cls(
             device="cpu", smoke=True, budget_s=150.0, parallel=False, alone_caps={"reparam_speed": 20.0, "deq_speed": 20.0},
-            grace_s=2.0, final_s=1.0, threads=1, test_subset=200, compile=False, calib_steps=2,
+            grace_s=2.0, final_s=1.0, threads=1, test_subset=200, compile=False, calib_steps=2, calib_skip=1,
             nas_C=4, nas_N=1, nas_batch=32, nas_lr=0.05, nas_train_subset=256, nas_max_steps=24, nas_cells=12,
             naswot_batch=16,
             naswot_share=0.3, nas_reserve=3.0, evo_population=8, evo_generations=2,

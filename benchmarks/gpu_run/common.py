@@ -167,11 +167,15 @@ class BudgetSchedule(Callback):
     """Fit a training run into a time budget: warm-up, then a cosine learning rate over the steps that fit.
 
     The first ``calib_steps`` optimizer steps run with a linear warm-up, those from ``calib_from`` on are timed (the
-    steps before may differ, e.g. a DEQ's unrolled warm-up); then the run plans its total
+    steps before may differ, e.g. a DEQ's unrolled warm-up, and on a GPU the first steps also load kernels and
+    create library handles, which would inflate a short calibration several times); then the run plans its total
     number of steps (``max_steps`` at most; whole epochs when at least one fits) so that training ends before
-    ``deadline`` and decays the learning rate to zero by a cosine over the remaining steps. Training stops at the
-    planned step, or earlier if the deadline passes anyway. ``epoch_times`` holds the wall seconds of every complete
-    epoch. The base learning rate is read from each parameter group's ``initial_lr`` (set here at train start).
+    ``deadline`` and decays the learning rate to zero by a cosine over the remaining steps. The plan is redone at
+    the end of every epoch from the mean step time since ``calib_from`` (the load on a shared GPU changes as the
+    other parts start and finish; a late plan that is too optimistic would end training by the deadline with the
+    learning rate still high). Training stops at the planned step, or earlier if the deadline passes anyway.
+    ``epoch_times`` holds the wall seconds of every complete epoch, ``plans`` every planned total. The base learning
+    rate is read from each parameter group's ``initial_lr`` (set here at train start).
     """
 
     def __init__(self, deadline: float, steps_per_epoch: int, calib_steps: int = 30, max_steps: int | None = None,
@@ -182,6 +186,7 @@ class BudgetSchedule(Callback):
         self.calib_from = calib_from
         self.max_steps, self.sync = max_steps, sync or (lambda: None)
         self.total_steps: int | None = None
+        self.plans: list[int] = []
         self.epoch_times: list[float] = []
         self.stopped_by_deadline = False
 
@@ -202,8 +207,20 @@ class BudgetSchedule(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync()
-        if trainer.global_step % self.steps_per_epoch == 0:
+        step = trainer.global_step
+        if step % self.steps_per_epoch == 0:
             self.epoch_times.append(time.monotonic() - self._t_epoch)
+        if self.total_steps is not None and step < self.total_steps:
+            self._plan(step)
+            if step >= self.total_steps:
+                trainer.should_stop = True
+
+    def _plan(self, step: int) -> None:
+        """Plan the total steps from the mean time per step since ``calib_from`` (call after a sync)."""
+        now = time.monotonic()
+        per_step = (now - self._t_calib) / (step - self.calib_from)
+        self.total_steps = plan_steps(step, per_step, self.deadline - now, self.steps_per_epoch, self.max_steps)
+        self.plans.append(self.total_steps)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -221,9 +238,7 @@ class BudgetSchedule(Callback):
         step = trainer.global_step
         if step == self.calib_steps and self.total_steps is None:
             self.sync()
-            per_step = (time.monotonic() - self._t_calib) / (step - self.calib_from)
-            self.total_steps = plan_steps(step, per_step, self.deadline - time.monotonic(), self.steps_per_epoch,
-                                          self.max_steps)
+            self._plan(step)
         limit = self.total_steps if self.total_steps is not None else self.max_steps
         if limit is not None and step >= limit:
             trainer.should_stop = True

@@ -37,8 +37,8 @@ def mdeq_setup(cfg: Any) -> tuple[str, dict[str, Any], int, Any]:
         return "baseline", dict(deq_fashion.MDEQ_TINY), 100, None
     name = cfg.mdeq_recipe if cfg.mdeq_recipe in recipes else "baseline"
     r = recipes[name]
-    return name, {**deq_fashion.MDEQ_TINY, "deq": {**r["deq"], "unroll_layers": r["unroll_layers"]}}, \
-        r["warmup_steps"], r["jac"]
+    model = {**deq_fashion.MDEQ_TINY, **r.get("model", {})}  # a recipe may change MDEQ-tiny too (e.g. no dropout)
+    return name, {**model, "deq": {**r["deq"], "unroll_layers": r["unroll_layers"]}}, r["warmup_steps"], r["jac"]
 
 
 def models(cfg: Any) -> dict[str, tuple[Any, list]]:
@@ -81,8 +81,9 @@ def mdeq(ctx: PartContext) -> None:
     for i, (name, (module, callbacks)) in enumerate(built.items()):
         span = ctx.time_left() - cfg.mdeq_reserve
         deadline = time.monotonic() + (cfg.mdeq_share * span if i == 0 else span)
-        warmup = callbacks[0].warmup_steps if callbacks else 0  # time the equilibrium steps, not the unrolled ones
-        schedule = BudgetSchedule(deadline, len(train), calib_steps=warmup + cfg.calib_steps, calib_from=warmup,
+        # time the equilibrium steps, not the unrolled ones, after a few that load the solver's kernels
+        start_at = (callbacks[0].warmup_steps if callbacks else 0) + cfg.calib_skip
+        schedule = BudgetSchedule(deadline, len(train), calib_steps=start_at + cfg.calib_steps, calib_from=start_at,
                                   max_steps=max_steps, sync=ctx.sync)
         ctx.reset_peak_memory()
         fit = trainer(ctx, [schedule, *callbacks])
@@ -94,7 +95,7 @@ def mdeq(ctx: PartContext) -> None:
         acc = fit.test(module, dataloaders=test, verbose=False)[0]["test/acc"]
         rows.append({"model": name, "params": sum(p.numel() for p in module.parameters()), "steps": fit.global_step,
                      "epochs": round(fit.global_step / len(train), 2), "test acc": acc, "train s": seconds,
-                     "s / epoch": schedule.epoch_times, "peak MiB": peak})
+                     "s / epoch": schedule.epoch_times, "peak MiB": peak, "planned steps": schedule.plans})
         ctx.report(rows=rows)
 
 
@@ -225,7 +226,8 @@ def ifpn(ctx: PartContext) -> None:
     order: list[int] = []
     step_s: dict[str, list[float]] = {k: [] for k in nets}
     nfe: list[tuple[int, int]] = []
-    total, step = None, 0
+    total, step, plans = None, 0, []
+    skip, calib = cfg.calib_skip, cfg.calib_skip + cfg.calib_steps  # as BudgetSchedule: the first steps untimed
     while total is None or step < total:
         if ctx.time_left() < cfg.ifpn_reserve:
             break
@@ -233,7 +235,7 @@ def ifpn(ctx: PartContext) -> None:
             order += torch.randperm(len(train), generator=gen).tolist()
         images, targets = detection_collate([train[i] for i in order[: cfg.ifpn_batch]])
         del order[: cfg.ifpn_batch]
-        factor = lr_factor(step, cfg.calib_steps, total)
+        factor = lr_factor(step, calib, total)
         for neck, net in nets.items():
             for group in opts[neck].param_groups:
                 group["lr"] = cfg.ifpn_lr * factor
@@ -252,9 +254,12 @@ def ifpn(ctx: PartContext) -> None:
         if stats is not None:
             nfe.append((stats.forward.nfe, stats.backward.nfe if stats.backward is not None else 0))
         step += 1
-        if step == cfg.calib_steps:
-            per_step = sum(sum(t) for t in step_s.values()) / step
+        if step == calib or (total is not None and step < total and (step - calib) % (4 * cfg.calib_steps) == 0):
+            # (re)plan from the mean step time after the first `skip` steps: the i-FPN's solver cost drifts as it
+            # trains and the other parts' load on the GPU changes
+            per_step = sum(sum(t[skip:]) for t in step_s.values()) / (step - skip)
             total = plan_steps(step, per_step, ctx.time_left() - cfg.ifpn_reserve, 10**9, cfg.ifpn_max_steps)
+            plans.append(total)
     if not step:
         ctx.report(note="no training step fit in the budget")
         return
@@ -275,7 +280,7 @@ def ifpn(ctx: PartContext) -> None:
         result = metric.compute()
         rows[neck] = {"map": float(result["map"]), "map_50": float(result["map_50"]), "steps": step,
                       "step ms": 1000 * statistics.median(step_s[neck]), "eval ms / image": 1000 * statistics.median(eval_s),
-                      "neck params": sum(p.numel() for p in net.backbone.fpn.parameters())}
+                      "neck params": sum(p.numel() for p in net.backbone.fpn.parameters()), "planned steps": plans}
         ctx.report(rows=rows, ifpn_nfe=[statistics.mean(f for f, _ in nfe), statistics.mean(b for _, b in nfe)]
                    if nfe else None)
 

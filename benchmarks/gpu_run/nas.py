@@ -95,7 +95,8 @@ def run(ctx: PartContext) -> None:
     search_kwargs = next(iter(variants.values()))
     tracker = AngleTracker(every_n_epochs=None, every_n_steps=10**9, heatmap=False, **search_kwargs)
     schedule = BudgetSchedule(time.monotonic() + ctx.time_left() - cfg.nas_reserve, len(batches),
-                              calib_steps=cfg.calib_steps, max_steps=cfg.nas_max_steps, sync=ctx.sync)
+                              calib_steps=cfg.calib_skip + cfg.calib_steps, calib_from=cfg.calib_skip,
+                              max_steps=cfg.nas_max_steps, sync=ctx.sync)
     with tempfile.TemporaryDirectory() as tmp:
         search = EvolutionSearch(metric="angle", dirpath=tmp, seed=cfg.seed, resume=False,
                                  population=cfg.evo_population, generations=cfg.evo_generations,
@@ -111,6 +112,7 @@ def run(ctx: PartContext) -> None:
         "optimizer steps": fit.global_step, "epochs": round(fit.global_step / len(batches), 2),
         "seconds (incl. the search)": round(train_seconds, 1), "stopped by the deadline": schedule.stopped_by_deadline,
         "median s / epoch": round(float(np.median(times)), 2) if times else None,
+        "planned steps (first plan, last plan)": (schedule.plans[0], schedule.plans[-1]) if schedule.plans else None,
     }, search=None if pick is None else {
         "angle vector": next(iter(variants)), "pick": pick["arch_str"], "cifar10 test acc": pick["cifar10"],
         "percentile among 15,625 cells": percentile(pick["cifar10"], all_acc),

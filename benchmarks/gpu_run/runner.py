@@ -1,11 +1,11 @@
 """Run the parts under their caps and keep the results file current.
 
 Every part runs in a forked child process (the parent imported torch and the project once, so a child starts in
-milliseconds and never imports again) in its own session, so that a part that overruns its cap is killed with
-everything it started and loses only itself. The timing parts run first, one at a time, alone on the device; then
-the training parts run side by side (``parallel``) or one after another. Whatever a part reported so far is kept
-when it is stopped; the results file (markdown + JSON, ``results_io.write_results``) is rewritten atomically
-whenever a part's record changes.
+milliseconds and never imports again; spawned instead when a forked probe cannot initialise CUDA) in its own
+session, so that a part that overruns its cap is killed with everything it started and loses only itself. The
+timing parts run first, one at a time, alone on the device; then the training parts run side by side
+(``parallel``) or one after another. Whatever a part reported so far is kept when it is stopped; the results file
+(markdown + JSON, ``results_io.write_results``) is rewritten atomically whenever a part's record changes.
 """
 
 from __future__ import annotations
@@ -64,6 +64,39 @@ def unpacked(cfg: Config, work: Path) -> Config:
     return cfg.with_(data_dir=unpack(cfg.data_dir, work / "fashion-mnist"))
 
 
+def _probe_cuda() -> None:
+    try:
+        torch.cuda.init()
+    except BaseException:  # e.g. "Cannot re-initialize CUDA in forked subprocess"
+        os._exit(1)
+    os._exit(0)
+
+
+def start_method(device: str, timeout: float = 60.0) -> str:
+    """``fork`` when a forked child can initialise CUDA (or the run is on the CPU), else ``spawn``.
+
+    The parent never initialises CUDA itself: ``PYTORCH_NVML_BASED_CUDA_CHECK`` makes ``torch.cuda.is_available``
+    count devices through NVML. But where NVML fails, torch falls back to ``cudaGetDeviceCount``, which initialises
+    the driver here, and every forked part would then fail at its first CUDA call; a forked probe (a second or so)
+    finds out before any part starts, and the parts are then spawned (each imports everything again, seconds).
+    """
+    if not device.startswith("cuda"):
+        return "fork"
+    if torch.cuda.is_initialized():
+        return "spawn"
+    probe = multiprocessing.get_context("fork").Process(target=_probe_cuda, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if probe.exitcode is None:
+        probe.kill()
+        probe.join()
+    if probe.exitcode == 0:
+        return "fork"
+    print(f"gpu_run: a forked process could not initialise CUDA (exit code {probe.exitcode}): the parts are "
+          "spawned instead", file=sys.stderr)
+    return "spawn"
+
+
 def _child(name: str, cfg: Config, path: Path, deadline: float) -> None:
     os.setsid()  # its own process group: a kill at the cap takes everything it started
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the runner, even if it is killed outright
@@ -96,9 +129,9 @@ class Runner:
         self.caps: dict[str, float] = {}
         self.walls: dict[str, float] = {}
         self.records: dict[str, dict[str, Any]] = {p: {} for p in parts}
-        # fork: a part starts in milliseconds with everything imported. Only if something initialised CUDA in this
-        # process (the forked parts could not use it) fall back to spawn, which imports everything again per part.
-        self.start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+        # fork: a part starts in milliseconds with everything imported. Only if a forked process cannot use CUDA
+        # (something initialised it in this process) fall back to spawn, which imports everything again per part.
+        self.start_method = start_method(self.cfg.device) if cfg.start_method == "auto" else cfg.start_method
         self.context = multiprocessing.get_context(self.start_method)
 
     def elapsed(self) -> float:
