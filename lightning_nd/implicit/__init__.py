@@ -2,7 +2,7 @@
 
 from lightning_nd.implicit.deq import DEQ, DEQConfig, DEQStats, find_deqs
 from lightning_nd.implicit.ifpn import ImplicitFPN
-from lightning_nd.implicit.jacobian import JacobianSchedule, jacobian_loss
+from lightning_nd.implicit.jacobian import JacobianSchedule, JacobianStep, jacobian_loss, jacobian_step
 from lightning_nd.implicit.mdeq import MDEQ, MDEQBlock, MDEQCell
 from lightning_nd.implicit.norm import VariationalDropout, apply_weight_norm, reset_dropout
 from lightning_nd.implicit.solvers import (
@@ -25,6 +25,7 @@ __all__ = [
     "DEQStats",
     "ImplicitFPN",
     "JacobianSchedule",
+    "JacobianStep",
     "MDEQ",
     "MDEQBlock",
     "MDEQCell",
@@ -38,6 +39,7 @@ __all__ = [
     "flatten",
     "get_solver",
     "jacobian_loss",
+    "jacobian_step",
     "register_solver",
     "reset_dropout",
     "solve",

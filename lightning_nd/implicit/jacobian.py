@@ -10,14 +10,19 @@ default delta 2), so the regularised cell is not tuned to one exact number of it
 :class:`JacobianSchedule` reproduces all of that.
 
 Every decision is a pure function of ``(seed, step, epoch)``, so all DDP ranks agree without communication and a
-resumed run makes the same decisions.
+resumed run makes the same decisions. :func:`jacobian_step` applies one step of a schedule to every DEQ layer of a
+network (flags, cap jitter, probe seed; restored afterwards) and collects the loss term, so that any LightningModule
+(``DEQClassifier``, ``DetectionModule``) trains with the same recipe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def jacobian_loss(
@@ -117,6 +122,105 @@ class JacobianSchedule:
         return int(torch.randint(-self.cap_jitter, 2, (), generator=gen))
 
 
-# DEQClassifier saves its schedule among its hyperparameters: allow it in torch.load's default weights_only mode,
+@dataclass
+class JacobianStep:
+    """What a :class:`JacobianSchedule` decided for one training step, and the loss it produced.
+
+    Attributes:
+        active: whether the Jacobian loss is computed at this step.
+        weight: the schedule's weight at this step (``weight_at``), 0.0 when inactive.
+        cap_delta: the forward-cap jitter applied to every DEQ layer at this step.
+        probe_seed: seed of the Hutchinson probes at this step.
+        loss: the summed (unweighted) Jacobian loss of the network's DEQ layers, set when the ``with`` block of
+            :func:`jacobian_step` ends; None on inactive steps or when no layer computed one (eval, no grad).
+
+    Raises:
+        Nothing: a plain record, filled in by :func:`jacobian_step`.
+
+    Example::
+
+        with jacobian_step(net, schedule, step, epoch) as jac:
+            loss = criterion(net(x), y)
+        if jac.loss is not None:
+            loss = loss + jac.weight * jac.loss
+    """
+
+    active: bool
+    weight: float
+    cap_delta: int
+    probe_seed: int
+    loss: torch.Tensor | None = None
+
+
+def deq_layers(net: nn.Module) -> list[nn.Module]:
+    """The equilibrium layers of ``net`` (duck-typed: ``last_stats``, ``mode`` and ``jac_reg`` attributes)."""
+    from lightning_nd.implicit.deq import find_deqs  # deq.py imports this module: import late to avoid a cycle
+
+    return [m for _, m in find_deqs(net)]
+
+
+@contextmanager
+def jacobian_step(
+    net: nn.Module, schedule: JacobianSchedule, step: int, epoch: int, warmup: bool | None = None
+) -> Iterator[JacobianStep]:
+    """Apply one step of ``schedule`` to every DEQ layer of ``net`` for the duration of the ``with`` block.
+
+    On entry every DEQ layer gets ``jac_reg`` (the step's coin flip), and lightning_nd DEQs also the forward-cap
+    jitter (``f_max_iter_delta``) and the seed of the Hutchinson probes (``jac_probe_seed``); on exit, even after an
+    exception, they are reset to off / 0 / None and the layers' Jacobian losses are summed into the yielded
+    :class:`JacobianStep` (``loss``, only on active steps). Every decision is a function of ``(schedule.seed, step,
+    epoch)``: pass the optimizer step (``trainer.global_step``) so a resumed run repeats the uninterrupted one.
+
+    Args:
+        net: the network whose DEQ layers (:func:`~lightning_nd.implicit.find_deqs`) are regularised.
+        schedule: weight, probability, growth, stop epoch and cap jitter.
+        step: the global optimizer step.
+        epoch: the current epoch (for ``stop_epoch``).
+        warmup: whether the DEQs run unrolled (the schedule's ``warmup_weight`` applies); default: whether any
+            layer has ``mode == "unrolled"`` (set by ``DEQWarmup``).
+
+    Yields:
+        The step's :class:`JacobianStep`; its ``loss`` is filled in when the block ends.
+
+    Raises:
+        ValueError: if ``net`` contains no DEQ layer.
+
+    Example::
+
+        with jacobian_step(model, JacobianSchedule(weight=0.5, prob=0.1, cap_jitter=2), step, epoch) as jac:
+            loss = criterion(model(x), y)
+        if jac.loss is not None:
+            loss = loss + jac.weight * jac.loss
+        loss.backward()
+    """
+    deqs = deq_layers(net)
+    if not deqs:
+        raise ValueError(f"jacobian_step needs a network with at least one DEQ layer; {type(net).__name__} has none")
+    if warmup is None:
+        warmup = any(m.mode == "unrolled" for m in deqs)
+    active = schedule.active(step, epoch, warmup)
+    record = JacobianStep(
+        active=active,
+        weight=schedule.weight_at(step, warmup) if active else 0.0,
+        cap_delta=schedule.cap_delta(step, epoch, warmup),
+        probe_seed=schedule.probe_seed(step),
+    )
+    for m in deqs:
+        m.jac_reg = active
+        if hasattr(m, "f_max_iter_delta"):  # lightning_nd DEQ (other layers only follow the jac_reg protocol)
+            m.f_max_iter_delta, m.jac_probe_seed = record.cap_delta, record.probe_seed
+    try:
+        yield record
+    finally:
+        for m in deqs:
+            m.jac_reg = False
+            if hasattr(m, "f_max_iter_delta"):
+                m.f_max_iter_delta, m.jac_probe_seed = 0, None
+    losses = [m.jac_loss for m in deqs if getattr(m, "jac_loss", None) is not None]
+    if active and losses:
+        record.loss = torch.stack([j.float() for j in losses]).sum()
+
+
+# DEQClassifier and DetectionModule save their schedule among their hyperparameters: allow it in torch.load's default weights_only mode,
 # or resuming a checkpoint (Trainer.fit(ckpt_path=...)) fails with an UnpicklingError
 torch.serialization.add_safe_globals([JacobianSchedule])

@@ -3,11 +3,13 @@
 The task logic is :class:`~lightning_nd.modules.ImageClassifier`'s (cross-entropy, accuracy metrics, optimizer
 wiring); this module adds the Jacobian-regularisation loss of its DEQ layers on the steps a
 :class:`~lightning_nd.implicit.JacobianSchedule` selects, and on those steps moves the forward solver's cap by the
-schedule's seeded jitter (locuslab/deq ``RAND_F_THRES_DELTA``). Every decision and the Hutchinson probe vectors are
-functions of the global step and the schedule's seed, so DDP ranks agree and a resumed run repeats the uninterrupted
-one. Validation and test run under Lightning's default ``inference_mode``: the DEQ's forward needs no autograd
-outside training (the solver runs without a graph and the final application is a plain call). Solver statistics are logged by the ``DEQMonitor`` callback, the unrolled
-warm-up is switched by ``DEQWarmup``.
+schedule's seeded jitter (locuslab/deq ``RAND_F_THRES_DELTA``), through
+:func:`~lightning_nd.implicit.jacobian.jacobian_step` (shared with ``DetectionModule``). Every decision and the
+Hutchinson probe vectors are functions of the global step and the schedule's seed, so DDP ranks agree and a resumed
+run repeats the uninterrupted one. Validation and test run under Lightning's default ``inference_mode``: the DEQ's
+forward needs no autograd outside training (the solver runs without a graph and the final application is a plain
+call). Solver statistics are logged by the ``DEQMonitor`` callback, the unrolled warm-up is switched by
+``DEQWarmup``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nd.implicit import MDEQ, JacobianSchedule, find_deqs
+from lightning_nd.implicit.jacobian import jacobian_step
 from lightning_nd.modules.classifier import ImageClassifier
 
 
@@ -79,32 +82,12 @@ class DEQClassifier(ImageClassifier):
             )
         self.jac_schedule = jac_reg if jac_reg is not None else JacobianSchedule()
 
-    def _warm(self) -> bool:
-        return any(m.mode == "unrolled" for _, m in find_deqs(self.net))
-
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        step, epoch, warm = self.global_step, self.current_epoch, self._warm()
-        active = self.jac_schedule.active(step, epoch, warm)
-        delta = self.jac_schedule.cap_delta(step, epoch, warm)
-        deqs = [m for _, m in find_deqs(self.net)]
-        seed = self.jac_schedule.probe_seed(step)
-        for m in deqs:
-            m.jac_reg = active
-            if hasattr(m, "f_max_iter_delta"):  # lightning_nd DEQ (other layers only follow the jac_reg protocol)
-                m.f_max_iter_delta, m.jac_probe_seed = delta, seed
-        try:
+        with jacobian_step(self.net, self.jac_schedule, self.global_step, self.current_epoch) as jac:
             loss = self._step(batch, "train")
-        finally:
-            for m in deqs:
-                m.jac_reg = False
-                if hasattr(m, "f_max_iter_delta"):
-                    m.f_max_iter_delta, m.jac_probe_seed = 0, None
-        jac = [m.jac_loss for m in deqs if getattr(m, "jac_loss", None) is not None]
-        if active and jac:
-            weight = self.jac_schedule.weight_at(step, warm)
-            jac_loss = torch.stack([j.float() for j in jac]).sum()
-            self.log("train/jac_loss", jac_loss.detach(), on_step=True, on_epoch=True)
-            self.log("train/jac_weight", weight, on_step=True, on_epoch=False)
-            loss = loss + weight * jac_loss
+        if jac.loss is not None:
+            self.log("train/jac_loss", jac.loss.detach(), on_step=True, on_epoch=True)
+            self.log("train/jac_weight", jac.weight, on_step=True, on_epoch=False)
+            loss = loss + jac.weight * jac.loss
         return loss

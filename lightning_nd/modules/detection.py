@@ -7,7 +7,10 @@ the detector's anchor generator and head. Anchors are sized from the pyramid's r
 times the stride, three scales per octave and three aspect ratios for RetinaNet, like torchvision's defaults;
 one point per location of size ``stride`` for FCOS), so the same code serves 96-pixel shapes and 800-pixel COCO.
 
-Training logs the detector's losses (``train/loss`` and one entry per loss term); validation and test compute
+Training logs the detector's losses (``train/loss`` and one entry per loss term) and, with an implicit neck and a
+:class:`~lightning_nd.implicit.JacobianSchedule` (``jac_reg``), adds the neck's Jacobian-regularisation loss on the
+steps the schedule selects (``train/jac_loss``, ``train/jac_weight``; same recipe and helper as ``DEQClassifier``,
+:func:`~lightning_nd.implicit.jacobian.jacobian_step`); validation and test compute
 COCO mAP with torchmetrics' ``MeanAveragePrecision`` (pycocotools backend) and log ``{val,test}/map``,
 ``/map_50``, ``/map_75`` and ``/mar_100``; ``predict_step`` returns torchvision's list of
 ``dict(boxes, scores, labels)``. Targets may carry COCO's ``iscrowd`` (and ``area``): crowd boxes are dropped from
@@ -31,6 +34,8 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from typing_extensions import override
 
+from lightning_nd.implicit.deq import find_deqs
+from lightning_nd.implicit.jacobian import JacobianSchedule, jacobian_step
 from lightning_nd.modules.classifier import configure_optimization
 
 DETECTORS = ("retinanet", "fcos")
@@ -305,15 +310,20 @@ class DetectionModule(pl.LightningModule):
         lr_scheduler: callable taking the optimizer, stepped every epoch (e.g. ``MultiStepLR``).
         warmup_steps: linear learning-rate warm-up over the first optimizer steps (torchvision reference: 1000).
         warmup_factor: learning-rate factor at step 0 of the warm-up.
+        jac_reg: Jacobian-regularisation schedule of the implicit neck (weight, probability, growth, stop epoch,
+            forward-cap jitter; locuslab/deq's recipe); default off. Needs a DEQ in the network (``neck="ifpn"``).
+            The weighted loss is added to the detector's summed loss on the steps the schedule selects.
 
     Raises:
-        ValueError: for an unknown detector, neck or backbone, ``num_classes < 2``, a negative warm-up, at setup
-            when the datamodule's ``num_classes`` differs from the model's, and in training for a label outside
-            ``1 .. num_classes - 1``.
+        ValueError: for an unknown detector, neck or backbone, ``num_classes < 2``, a negative warm-up, ``jac_reg``
+            with a network without a DEQ layer (``neck="fpn"``), a DEQ layer built with ``jac_reg=True`` (the
+            schedule decides), at setup when the datamodule's ``num_classes`` differs from the model's, and in
+            training for a label outside ``1 .. num_classes - 1``.
 
     Example::
 
-        model = DetectionModule("retinanet", num_classes=4, backbone="resnet18", neck="ifpn")
+        model = DetectionModule("retinanet", num_classes=4, backbone="resnet18", neck="ifpn",
+                                jac_reg=JacobianSchedule(weight=0.5, prob=0.1, cap_jitter=2))
         trainer.fit(model, datamodule=ShapesDetectionDataModule(batch_size=2))
     """
 
@@ -338,6 +348,7 @@ class DetectionModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
         warmup_factor: float = 0.001,
+        jac_reg: JacobianSchedule | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -359,6 +370,26 @@ class DetectionModule(pl.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
         self.val_map, self.test_map = coco_map(), coco_map()
+        self.jac_schedule = self._check_jac_reg(jac_reg)
+
+    def _check_jac_reg(self, jac_reg: JacobianSchedule | None) -> JacobianSchedule | None:
+        if jac_reg is not None and not isinstance(jac_reg, JacobianSchedule):
+            raise ValueError(f"jac_reg must be a JacobianSchedule or None, got {type(jac_reg).__name__}")
+        deqs = find_deqs(self.net)
+        if jac_reg is not None and not deqs:
+            neck = type(getattr(getattr(self.net, "backbone", None), "fpn", None)).__name__
+            raise ValueError(
+                f"jac_reg={jac_reg} needs an implicit neck (a DEQ layer), but the detector has none (neck: {neck}); "
+                "use neck='ifpn' or drop jac_reg"
+            )
+        flagged = [name for name, m in deqs if m.jac_reg]
+        if flagged:  # a flag set on the layer would compute a loss nobody adds, or be overridden by the schedule
+            raise ValueError(
+                f"DEQ layer(s) {flagged} were built with jac_reg=True (e.g. neck_kwargs jac_reg), which "
+                "DetectionModule does not read; configure the regularisation with "
+                "DetectionModule(jac_reg=JacobianSchedule(weight=..., prob=...))"
+            )
+        return jac_reg
 
     @override
     def setup(self, stage: str) -> None:
@@ -400,12 +431,21 @@ class DetectionModule(pl.LightningModule):
         images, targets = batch
         targets = self._without_crowds(list(targets))
         self._check_labels(targets)
-        losses = self.net(list(images), list(targets))
-        loss = sum(losses.values())
         size = len(images)
+        if self.jac_schedule is None:
+            losses = self.net(list(images), list(targets))
+        else:
+            with jacobian_step(self.net, self.jac_schedule, self.global_step, self.current_epoch) as jac:
+                losses = self.net(list(images), list(targets))
+        loss = sum(losses.values())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size)
+        if self.jac_schedule is not None and jac.loss is not None:
+            # train/loss stays the detector's loss (comparable with the FPN's); the regulariser is logged apart
+            self.log("train/jac_loss", jac.loss.detach(), on_step=True, on_epoch=True, batch_size=size)
+            self.log("train/jac_weight", jac.weight, on_step=True, on_epoch=False, batch_size=size)
+            loss = loss + jac.weight * jac.loss
         return loss
 
     def _evaluate(self, batch: Any, metric: MeanAveragePrecision) -> None:

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_nd.implicit import DEQ, JacobianSchedule
+from lightning_nd.implicit.jacobian import jacobian_step
 from lightning_nd.modules import DEQClassifier
 from tests.implicit.helpers import ConvCell, TinyDEQNet, tiny_loaders
 
@@ -101,3 +102,30 @@ def test_jitter_is_applied_and_a_resumed_run_repeats_the_uninterrupted_one(tmp_p
 def test_solver_caps_and_tolerances_are_validated_at_construction(option, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         DEQ(ConvCell(4), **{option: value})
+
+
+def test_jacobian_step_is_a_function_of_the_step_and_restores_the_layers():
+    torch.manual_seed(0)
+    net, x = TinyDEQNet(f_tol=1e-12, f_max_iter=CAP), torch.randn(4, 1, 8, 8)
+    sched = JacobianSchedule(weight=0.5, prob=0.5, cap_jitter=2, seed=3)
+
+    def run(steps):
+        rows = []
+        for step in steps:
+            with jacobian_step(net, sched, step, 0) as jac:
+                net(x).sum()
+            rows.append((jac.active, jac.cap_delta, net.deq.last_stats.forward.nfe,
+                         None if jac.loss is None else float(jac.loss)))
+            assert (net.deq.jac_reg, net.deq.f_max_iter_delta, net.deq.jac_probe_seed) == (False, 0, None)
+        return rows
+
+    rows = run(range(12))
+    assert {r[0] for r in rows} == {True, False}
+    assert all((r[3] is not None) == r[0] and r[2] == CAP + r[1] for r in rows)
+    assert run(range(6, 12)) == rows[6:]  # a resumed run: same coin flips, caps and Hutchinson probes
+    with pytest.raises(RuntimeError, match="boom"), jacobian_step(net, JacobianSchedule(weight=1.0), 0, 0):
+        assert net.deq.jac_reg is True
+        raise RuntimeError("boom")
+    assert net.deq.jac_reg is False  # restored after an exception too
+    with pytest.raises(ValueError, match="at least one DEQ layer"), jacobian_step(torch.nn.Linear(2, 2), sched, 0, 0):
+        pass
