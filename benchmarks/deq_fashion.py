@@ -5,13 +5,14 @@ every step feeds the same batch to each model in turn and times each, so the flu
 hits both alike and the reported ratios come from interleaved timings. Adam 2e-3 with cosine decay, batch 64, the
 same seeded subset, order and epoch budget for both; accuracy on the official 10,000-image test set after every
 epoch (inference timed per batch, interleaved as well). The MDEQ follows a *recipe* (``RECIPES``): its solver,
-tolerances and caps, backward mode, unrolled warm-up and Jacobian-regularisation schedule (``fast`` is the one of
-``configs/implicit/mdeq_tiny_fashion.yaml``, ``baseline`` the one before issue 15). The first epoch holds the unrolled
+tolerances and caps, backward mode, unrolled warm-up, Jacobian-regularisation schedule and MDEQ-tiny's widths
+(``wide`` is the one of ``configs/implicit/mdeq_tiny_fashion.yaml``, ``fast`` the first one of issue 15 with the
+original 8 / 16-channel cell, ``baseline`` the one before issue 15; the others are ablations). The first epoch holds the unrolled
 warm-up; the step time reported is the median after it. At the end the final models are evaluated with other
 test-time forward caps (accuracy against inference cost).
 
     python benchmarks/deq_fashion.py --quick                     # smoke run (1,000 images, 1 epoch, 1 seed)
-    python benchmarks/deq_fashion.py --train-subset 20000 --epochs 3 --seeds 0 1 2 --recipes fast phantom
+    python benchmarks/deq_fashion.py --train-subset 20000 --epochs 8 --seeds 0 1 2 --recipes fast wide
     # the same, one process per seed, then one report:
     #   ... --seeds 0 --raw /tmp/s0.json (and 1, 2), then ... --merge /tmp/s0.json /tmp/s1.json /tmp/s2.json
 """
@@ -50,18 +51,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {
         "deq": {"f_solver": "anderson", "f_max_iter": 12, "f_tol": 1e-2, "f_stop_mode": "rel",
                 "b_solver": "anderson", "b_max_iter": 12, "b_tol": 1e-2, "b_stop_mode": "rel"},
-        "warmup_steps": 100, "unroll_layers": 4, "jac": None,
+        "warmup_steps": 100, "unroll_layers": 4, "jac": None, "model": {},
         "note": "before issue 15: Anderson 12 / 12 at rel 1e-2, exact implicit gradient, 100 unrolled warm-up "
                 "steps, no Jacobian regularisation.",
     },
 }
 
 
+NO_JAC = JacobianSchedule()  # weight 0: a recipe without Jacobian regularisation
+
+
 def add_recipe(name: str, note: str, base: str = "baseline", jac: JacobianSchedule | None = None,
-               **deq: Any) -> None:
+               model: dict[str, Any] | None = None, **deq: Any) -> None:
+    """A recipe: ``base``'s, with other DEQ options (``deq``), schedule (``jac``) or MDEQ-tiny arguments (``model``)."""
     recipe = dict(RECIPES[base])
     recipe["deq"] = {**RECIPES[base]["deq"], **deq}
     recipe["jac"] = jac if jac is not None else RECIPES[base]["jac"]
+    recipe["model"] = {**RECIPES[base]["model"], **(model or {})}
     recipe["note"] = note
     RECIPES[name] = recipe
 
@@ -74,13 +80,33 @@ add_recipe("fast", "Jacobian regularisation (weight 2.0, p 0.25, cap jitter -2..
            jac=JAC, f_max_iter=6, f_tol=2e-2, eval_f_max_iter=6, b_max_iter=5, b_tol=2e-2)
 add_recipe("phantom", "the fast recipe with a 2-step phantom gradient (tau 0.7) instead of the adjoint solve.",
            base="fast", backward="phantom", phantom_steps=2, phantom_tau=0.7)
+# ablations of the fast recipe (accuracy per epoch; benchmarks/results/deq_fashion_ablation_*.md)
+add_recipe("fast_nodrop", "the fast recipe without variational dropout.", base="fast", model={"dropout": 0.0})
+add_recipe("fast_nojr", "the fast recipe without Jacobian regularisation.", base="fast", jac=NO_JAC)
+add_recipe("fast_nodrop_nojr", "the fast recipe without dropout and without Jacobian regularisation.",
+           base="fast_nodrop", jac=NO_JAC)
+LIGHT_JAC = JacobianSchedule(weight=0.4, prob=0.1, cap_jitter=2, seed=0)
+add_recipe("fast_lightjr", "the fast recipe with weaker Jacobian regularisation (weight 0.4, p 0.1, jitter -2..+1).",
+           base="fast", jac=LIGHT_JAC)
+add_recipe("fast_nodrop_lightjr", "the fast recipe without dropout, with the weaker Jacobian regularisation.",
+           base="fast_nodrop", jac=LIGHT_JAC)
+add_recipe("wide12", "fast_nodrop_lightjr with channels 12 / 24, expansion 1, head 4 / 4, final 48 (23,458 "
+           "parameters).", base="fast_nodrop_lightjr",
+           model={"channels": [12, 24], "expansion": 1, "head_channels": [4, 4], "final_channels": 48})
+# the default of configs/implicit/mdeq_tiny_fashion.yaml since the ablations: same solver caps as `fast`, a wider
+# cell with expansion 1 at the same parameter count, no dropout, lighter Jacobian regularisation
+add_recipe("wide", "MDEQ-tiny with a wider cell at the same size (channels 16 / 16, expansion 1, head 4 / 8, final "
+           "48: 23,978 parameters), no dropout, Jacobian regularisation weight 0.4 on 10 % of the steps (cap jitter "
+           "-2..+1), Anderson forward 6 / adjoint 5 at rel 2e-2 (test-time cap 6), exact implicit gradient.",
+           base="fast_nodrop_lightjr", model={"channels": [16, 16], "expansion": 1, "final_channels": 48})
 
 
-EVAL_CAPS = (2, 4, 6, 8)  # forward caps at test time swept on the final models
+EVAL_CAPS = (3, 4, 5, 6, 8)  # forward caps at test time swept on the final models
 
 
 def build_mdeq(recipe: dict[str, Any]) -> MDEQ:
-    return MDEQ(num_classes=10, in_chans=1, **MDEQ_TINY, deq={**recipe["deq"], "unroll_layers": recipe["unroll_layers"]})
+    return MDEQ(num_classes=10, in_chans=1, **{**MDEQ_TINY, **recipe["model"]},
+                deq={**recipe["deq"], "unroll_layers": recipe["unroll_layers"]})
 
 
 class _Basic(nn.Module):
@@ -321,17 +347,19 @@ def report(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace, 
             acc = statistics.mean(100 * results[s][name][e]["acc"] for s in seeds)
             cells.append(f"{cum:.0f} s, {acc:.2f} %")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    swept = next((results[s][n][-1]["sweep"] for s in seeds for n in names if "sweep" in results[s][n][-1]), [])
+    caps = [row["cap"] for row in swept]  # from the data: older raw dumps swept other caps
     lines += ["", "## Accuracy against the test-time forward cap (final models)", "",
               f"The same trained models evaluated with other forward caps (`eval_f_max_iter`) on {args.sweep_subset:,} "
               "test images; inference time as a ratio to the ResNet's, timed alternately in the same run. Mean over "
               "seeds.", "",
-              "| model | " + " | ".join(f"cap {c}" for c in EVAL_CAPS) + " |", "|---|" + "---|" * len(EVAL_CAPS)]
+              "| model | " + " | ".join(f"cap {c}" for c in caps) + " |", "|---|" + "---|" * len(caps)]
     for name in names:
         sweeps = [results[s][name][-1].get("sweep") for s in seeds]
         if not all(sweeps):
             continue
         cells = []
-        for i, _ in enumerate(EVAL_CAPS):
+        for i, _ in enumerate(caps):
             acc = statistics.mean(100 * sw[i]["acc"] for sw in sweeps)
             ratio = statistics.mean(sw[i]["infer_ratio"] for sw in sweeps)
             cells.append(f"{acc:.2f} % at {ratio:.1f}x")
@@ -343,14 +371,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 training images, 1 epoch, 1,000 test images")
     parser.add_argument("--train-subset", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test-subset", type=int, default=10000)
     parser.add_argument("--sweep-subset", type=int, default=5000, help="test images for the test-time cap sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=["fast", "phantom"], choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["fast", "wide"], choices=sorted(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="deq_fashion", help="results file stem")
+    parser.add_argument("--no-glance", action="store_true",
+                        help="keep this run out of the README's results-at-a-glance table (ablations)")
     parser.add_argument("--raw", default=None, help="also dump the per-epoch rows as JSON here")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="write the report from --raw dumps of runs with the same settings (seeds run in parallel)")
@@ -367,9 +397,11 @@ def main() -> None:
         for path in args.merge:
             results.update({int(k): v for k, v in json.loads(Path(path).read_text()).items()})
         args.seeds = sorted(results)
-        command = (f"python benchmarks/deq_fashion.py --train-subset {args.train_subset} --epochs {args.epochs} "
-                   f"--seeds {' '.join(map(str, args.seeds))} --recipes {' '.join(args.recipes)} (seeds run as "
-                   "parallel processes, merged with --raw/--merge)")
+        subsets = "".join(f" --{flag} {value}" for flag, value, default in (
+            ("test-subset", args.test_subset, 10000), ("sweep-subset", args.sweep_subset, 5000)) if value != default)
+        command = (f"python benchmarks/deq_fashion.py --train-subset {args.train_subset} --epochs {args.epochs}"
+                   f"{subsets} --seeds {' '.join(map(str, args.seeds))} --recipes {' '.join(args.recipes)} (seeds "
+                   "run as parallel processes, merged with --raw/--merge)")
     else:
         train, test = load_fashion("train"), load_fashion("test")
         results = {seed: run_seed(seed, args.recipes, args, train, test) for seed in args.seeds}
@@ -380,7 +412,7 @@ def main() -> None:
     if picture is not None:
         text += f"\n\n![time to accuracy]({picture.name})\n"
     print(text)
-    write_results(args.name, text, command=command, glance=glance)
+    write_results(args.name, text, command=command, glance=[] if args.no_glance else glance)
 
 
 def plot_time_to_accuracy(results: dict[int, dict[str, list[dict]]], stem: Path) -> Path | None:

@@ -61,7 +61,7 @@ def test_tiny_fashion_config_uses_the_fast_recipe(repo_root):
                      run=False)
     cfg, jac = cli.model.net.deq.config, cli.model.jac_schedule
     assert (cfg.f_max_iter, cfg.eval_f_max_iter, cfg.b_max_iter, cfg.f_tol, cfg.b_tol) == (6, 6, 5, 0.02, 0.02)
-    assert (jac.weight, jac.prob, jac.cap_jitter) == (2.0, 0.25, 2)
+    assert (jac.weight, jac.prob, jac.cap_jitter) == (0.4, 0.1, 2)  # the "wide" recipe of deq_fashion.py
     assert {jac.cap_delta(step, 0) for step in range(200)} == {-2, -1, 0, 1}
 
 
