@@ -134,9 +134,6 @@ class JacobianStep:
         loss: the summed (unweighted) Jacobian loss of the network's DEQ layers, set when the ``with`` block of
             :func:`jacobian_step` ends; None on inactive steps or when no layer computed one (eval, no grad).
 
-    Raises:
-        Nothing: a plain record, filled in by :func:`jacobian_step`.
-
     Example::
 
         with jacobian_step(net, schedule, step, epoch) as jac:
