@@ -14,6 +14,15 @@ from lightning_nd.datamodules import DigitsDataModule
 from lightning_nd.modules import ImageClassifier
 
 FAST = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]
+# `lnd fit` of a small timm ResNet on the embedded digits
+DIGITS_CLASSIFIER_ARGS = [
+    "fit",
+    "--model=ImageClassifier",
+    "--model.model=resnet10t",
+    "--model.in_chans=1",
+    "--data=DigitsDataModule",
+    "--data.image_size=16",
+]
 
 
 def test_quickstart_config_fast_dev_run(repo_root):
@@ -44,12 +53,7 @@ def test_short_names_and_optimizer_callable():
 
 def test_config_saved_to_run_dir_on_rerun(tmp_path, capsys):
     args = [
-        "fit",
-        "--model=ImageClassifier",
-        "--model.model=resnet10t",
-        "--model.in_chans=1",
-        "--data=DigitsDataModule",
-        "--data.image_size=16",
+        *DIGITS_CLASSIFIER_ARGS,
         "--trainer.max_steps=1",
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
@@ -109,15 +113,7 @@ def test_image_too_small_fails_before_training():
 # --- Errors a user can read: the last lines of `lnd`'s output name the cause (and the fix) -----------------------
 
 RETRAIN = ["fit", "-c", "{repo}/configs/quickstart_retrain.yaml", "--trainer.fast_dev_run=1"]
-DIGITS_CLASSIFIER = [
-    "fit",
-    "--model=ImageClassifier",
-    "--model.model=resnet10t",
-    "--model.in_chans=1",
-    "--data=DigitsDataModule",
-    "--data.image_size=16",
-    *FAST,
-]
+DIGITS_CLASSIFIER = [*DIGITS_CLASSIFIER_ARGS, *FAST]
 
 
 def _last_lines(capsys, args):

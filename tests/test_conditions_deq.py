@@ -36,7 +36,7 @@ from lightning_nd.callbacks import DEQMonitor, DEQWarmup
 from lightning_nd.datamodules.base import ClassificationDataModule
 from lightning_nd.modules import DEQClassifier
 from tests.conditions_helpers import GradNorms, KillAt, Killed, OverflowAt, weights
-from tests.implicit.helpers import TinyDEQNet
+from tests.implicit.helpers import BNCell, TinyDEQNet
 
 TIGHT = {"f_tol": 1e-6, "b_tol": 1e-7, "f_max_iter": 60, "b_max_iter": 60}
 
@@ -193,15 +193,6 @@ def test_kill_after_mid_epoch_checkpoint_and_resume(tmp_path):
 @pytest.mark.ddp
 def test_sync_batchnorm_cell_under_ddp_fails_clearly():
     """Without the DEQ's check, ranks solving for different step counts deadlock in SyncBatchNorm's all-reduce."""
-
-    class BNCell(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
-
-        def forward(self, z, x):
-            return torch.tanh(self.bn(self.conv(z)) + x)
-
     model = DEQClassifier(TinyDEQNet(cell=BNCell()), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1))
     trainer = pl.Trainer(accelerator="gpu", devices=2, strategy="ddp_spawn", sync_batchnorm=True, max_steps=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -6,7 +6,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_nd.callbacks import DEQMonitor, DEQWarmup
 from lightning_nd.modules import DEQClassifier, ImageClassifier
-from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+from tests.implicit.helpers import BNCell, TinyDEQNet, tiny_loaders
 
 
 class _Probe(Callback):
@@ -107,14 +107,6 @@ def test_sync_batchnorm_in_a_deq_cell_fails_at_fit_start_not_after_the_warmup():
     from types import SimpleNamespace
 
     from torch import nn
-
-    class BNCell(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-        def forward(self, z, x):
-            return torch.tanh(self.bn(self.conv(z)) + x)
 
     warm = DEQWarmup(warmup_steps=100)
     model = DEQClassifier(TinyDEQNet(cell=BNCell()), num_classes=3)

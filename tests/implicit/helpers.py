@@ -23,6 +23,17 @@ class ConvCell(nn.Module):
         return torch.tanh(self.conv(z) + x)
 
 
+class BNCell(nn.Module):
+    """z <- tanh(BatchNorm(conv(z)) + x): a cell with BatchNorm inside, which DEQ layers must refuse to sync."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.bn(self.conv(z)) + x)
+
+
 class SlowConvCell(nn.Module):
     """A slowly converging conv cell: z <- tanh(conv(z) + x) with a self-adjoint conv of norm ``radius``."""
 

@@ -6,7 +6,7 @@ import torch
 
 from lightning_nd.callbacks import DEQMonitor, DEQWarmup
 from lightning_nd.modules import DEQClassifier
-from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+from tests.implicit.helpers import BNCell, TinyDEQNet, tiny_loaders
 
 
 def _fit(devices: int, batch_size: int) -> DEQClassifier:
@@ -53,15 +53,7 @@ def test_sync_batchnorm_inside_the_cell_fails_clearly_instead_of_deadlocking(mon
 
     from lightning_nd.implicit import DEQ
 
-    class BNCell(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
-
-        def forward(self, z, x):
-            return torch.tanh(self.bn(self.conv(z)) + x)
-
-    deq = DEQ(nn.SyncBatchNorm.convert_sync_batchnorm(BNCell()), f_max_iter=5)
+    deq = DEQ(nn.SyncBatchNorm.convert_sync_batchnorm(BNCell(2)), f_max_iter=5)
     x = torch.randn(2, 2, 4, 4)
     deq(x)  # not distributed: SyncBatchNorm acts as BatchNorm, nothing to deadlock
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
