@@ -422,6 +422,7 @@ class DEQ(nn.Module):
                 stop_mode=cfg.f_stop_mode,
                 **cfg.f_solver_kwargs,
             )
+        f_star, fstats.fz = fstats.fz, None  # not kept in last_stats: it is a whole state
         record = DEQStats("equilibrium", fstats)
         self.last_stats = record
         if fstats.diverged and cfg.warn_diverged:
@@ -434,6 +435,8 @@ class DEQ(nn.Module):
                 stacklevel=3,
             )
         if not self._needs_grad(x):  # inference, or a frozen layer: one application, no backward machinery
+            if f_star is not None and f32 is None:  # the solver already evaluated f(z*)
+                return f_star
             with parametrize.cached():
                 return f(z_star)
         spec = spec_of(z_star)

@@ -72,12 +72,15 @@ class MDEQBlock(nn.Module):
             apply_weight_norm(self.conv2)
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.relu(self.gn1(self.conv1(z)))
+        # in place where autograd allows it (conv, GroupNorm and add do not save their outputs, ReLU saves its own):
+        # a solver calls the cell many times per step, and on CPU every fresh activation costs page faults
+        out = F.relu(self.gn1(self.conv1(z)), inplace=True)
         out = self.drop(self.conv2(out))
         if injection is not None:
-            out = out + injection
-        out = self.gn2(out) + z
-        return self.gn3(F.relu(out))
+            out += injection
+        out = self.gn2(out)
+        out += z
+        return self.gn3(F.relu(out, inplace=True))
 
 
 class MDEQCell(nn.Module):
@@ -141,7 +144,8 @@ class MDEQCell(nn.Module):
             conv = nn.Conv2d(c, c, 1, bias=False)
             if weight_norm:
                 apply_weight_norm(conv)
-            self.post.append(nn.Sequential(nn.ReLU(), conv, _gn(max(groups // 2, 1), c, affine=post_gn_affine)))
+            # in-place ReLU: its input is the fusion sum, a fresh tensor nothing else reads
+            self.post.append(nn.Sequential(nn.ReLU(inplace=True), conv, _gn(max(groups // 2, 1), c, affine=post_gn_affine)))
 
     def state_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
         """Per-resolution state shape ``(C, H, W)`` for an injection of spatial size ``height x width``."""

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,9 @@ class SolverStats:
         diverged: the protective break fired (non-finite or exploding residual).
         tol, stop_mode, max_iter: the stopping rule used.
         abs_trace, rel_trace: ``(B, nfe)`` residual of every evaluated iterate.
+        fz: ``f`` at the returned iterate (same structure as ``f``'s output) when the solver kept it (the built-in
+            ones do), else None; :class:`~lightning_nd.implicit.DEQ` uses it at inference instead of evaluating the
+            cell once more, and drops it.
 
     Raises:
         Nothing: a plain record, built by the solvers (invalid solver arguments are rejected by :func:`solve`).
@@ -77,6 +82,7 @@ class SolverStats:
     max_iter: int
     abs_trace: torch.Tensor = field(repr=False)
     rel_trace: torch.Tensor = field(repr=False)
+    fz: Any = field(default=None, repr=False)
 
     @property
     def residual(self) -> torch.Tensor:
@@ -99,12 +105,18 @@ class SolverStats:
 
 
 class _Tracker:
-    """Keeps the best iterate per sample, the traces and the stopping decision."""
+    """Keeps the best iterate per sample (and ``f`` of it), the traces and the stopping decision.
+
+    The first recorded iterate must be ``z0`` (true of every solver here), so ``best_f`` pairs with ``best`` even for a
+    sample that never improves. Iterates and values are kept by reference while every sample improves (the usual
+    case: no copy per step), so a solver must not modify them in place after recording them.
+    """
 
     def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str) -> None:
         self.tol, self.stop_mode = tol, stop_mode
         b = z0.shape[0]
-        self.best = z0.clone()
+        self.best = z0
+        self.best_f: torch.Tensor | None = None
         self.best_metric = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_abs = self.best_metric.clone()
         self.best_rel = self.best_metric.clone()
@@ -124,18 +136,23 @@ class _Tracker:
         self.rel_trace.append(rel_res)
         metric = abs_res if self.stop_mode == "abs" else rel_res
         better = metric < self.best_metric  # False for NaN: a NaN iterate is never kept
-        self.best = torch.where(better[:, None], z, self.best)
         self.best_metric = torch.where(better, metric, self.best_metric)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
         self.best_step = torch.where(better, torch.full_like(self.best_step, self.nfe), self.best_step)
         if self.first is None:
             self.first = abs_res.clone()
-        # one host synchronisation per evaluation for all three stopping tests (not one each)
-        broken, done = torch.stack([
+        # one host synchronisation per evaluation for the stopping tests and the copy-free update (not one each)
+        broken, done, all_better = torch.stack([
             ~torch.isfinite(abs_res).all() | (abs_res > DIVERGENCE_FACTOR * (self.first + EPS)).any(),
             self.best_metric.max() < self.tol,
+            better.all(),
         ]).tolist()
+        if all_better:
+            self.best, self.best_f = z, fz
+        else:
+            self.best = torch.where(better[:, None], z, self.best)
+            self.best_f = fz if self.best_f is None else torch.where(better[:, None], fz, self.best_f)
         self.diverged = self.diverged or broken
         return broken or done
 
@@ -153,7 +170,47 @@ class _Tracker:
             max_iter=max_iter,
             abs_trace=torch.stack(self.abs_trace, dim=1),
             rel_trace=torch.stack(self.rel_trace, dim=1),
+            fz=self.best_f,
         )
+
+
+class _HistoryPool:
+    """Reusable ``(B, m, D)`` history buffers for Anderson solves on CPU.
+
+    On CPU a fresh multi-megabyte tensor is new memory from the OS (glibc hands large frees back), paid for with a
+    page fault per 4 KiB on first touch; an MDEQ-tiny inference call at batch 250 allocates 47 MB of history per
+    solve. The pool keeps the buffers of recent solves (at most ``max_idle`` tensors, the newest first) and lends them
+    for the duration of one solve, so nested solves and threads get distinct ones. It is used only without autograd
+    (a graph could still read a buffer) and on CPU (the CUDA caching allocator already reuses memory).
+    """
+
+    def __init__(self, max_idle: int = 6) -> None:
+        self.max_idle = max_idle
+        self.idle: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lend(self, like: torch.Tensor, shape: tuple[int, ...], count: int) -> Iterator[list[torch.Tensor]]:
+        if like.device.type != "cpu" or torch.is_grad_enabled():
+            yield [like.new_empty(shape) for _ in range(count)]
+            return
+        inference = torch.is_inference_mode_enabled()  # inference tensors cannot be written outside inference mode
+        taken: list[torch.Tensor] = []
+        with self._lock:
+            keep = []
+            for t in self.idle:
+                fits = t.shape == shape and t.dtype == like.dtype and t.is_inference() == inference
+                (taken if fits and len(taken) < count else keep).append(t)
+            self.idle = keep
+        taken += [like.new_empty(shape) for _ in range(count - len(taken))]
+        try:
+            yield taken
+        finally:
+            with self._lock:
+                self.idle = (taken + self.idle)[: self.max_idle]
+
+
+_HISTORY = _HistoryPool()
 
 
 def fixed_point(
@@ -204,12 +261,28 @@ def anderson(
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"anderson beta={beta} must be in (0, 1]")
     b, d = z0.shape
+    # history buffers f(iterates), residuals f(x) - x and (only needed for mixing) iterates: only the first `filled`
+    # slots are ever read, so they need no zero fill, and on CPU they are reused between solves (`_HistoryPool`)
+    with _HISTORY.lend(z0, (b, m, d), 2 if beta == 1.0 else 3) as buffers:
+        return _anderson(f, z0, tol, max_iter, stop_mode, m, lam, beta, relative_lam, *buffers)
+
+
+def _anderson(
+    f: FlatFn,
+    z0: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    stop_mode: str,
+    m: int,
+    lam: float,
+    beta: float,
+    relative_lam: bool,
+    F: torch.Tensor,
+    G: torch.Tensor,
+    X: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SolverStats]:
+    b = z0.shape[0]
     track = _Tracker(z0, tol, stop_mode)
-    # history buffers: only the first `filled` slots are ever read, so they need no zero fill (at batch 250 the
-    # fill was 8 % of an MDEQ-tiny inference call)
-    X = z0.new_empty(b, m, d) if beta != 1.0 else None  # iterates are only needed for mixing
-    F = z0.new_empty(b, m, d)  # f(iterates)
-    G = z0.new_empty(b, m, d)  # residuals f(x) - x
     GG = z0.new_zeros(b, m, m)  # Gram matrix of the residuals, updated one row per step
     # The Gram matrix enters normal equations, so near a tight tolerance its rounding decides whether the solve still
     # converges (an ill-conditioned adjoint solve to 1e-8 does only with a float64 sum). A float64 sum converts the
@@ -221,13 +294,19 @@ def anderson(
     def store(slot: int, x: torch.Tensor, fx: torch.Tensor) -> bool:
         nonlocal filled
         F[:, slot] = fx
-        G[:, slot] = fx - x
+        if torch.is_grad_enabled():  # out= records no autograd history
+            G[:, slot] = fx - x
+        else:
+            torch.sub(fx, x, out=G[:, slot])
         if X is not None:
             X[:, slot] = x
         filled = min(filled + 1, m)
-        # (b, filled): a broadcast product summed (faster on CPU than a batched matrix-vector bmm for these thin
-        # shapes, and more exact); see `gram_dtype` for the precision of the sum
-        row = (G[:, :filled] * G[:, slot, None]).sum(-1, dtype=gram_dtype).to(G.dtype)
+        # (b, filled): vecdot (or a broadcast product summed in float64, see `gram_dtype`) is faster on CPU than a
+        # batched matrix-vector bmm for these thin shapes, and more exact
+        if gram_dtype == G.dtype:
+            row = torch.linalg.vecdot(G[:, :filled], G[:, slot, None])
+        else:
+            row = (G[:, :filled] * G[:, slot, None]).sum(-1, dtype=gram_dtype).to(G.dtype)
         GG[:, slot, :filled] = row
         GG[:, :filled, slot] = row
         return track.record(x, fx, G[:, slot])
@@ -411,7 +490,8 @@ def solve(
     ``f`` receives and returns the structure of ``z0`` (a tensor or a tuple/list of tensors with a shared batch
     dimension). The solver's own arithmetic runs in float32 with autocast disabled; ``f`` itself runs under the
     caller's autocast state, and its output is cast back to float32. Call it under ``torch.no_grad()`` (or inference
-    mode) unless you want to differentiate through the iterations.
+    mode) unless you want to differentiate through the iterations, which only ``"fixed_point"`` supports (Anderson and
+    Broyden update their histories in place); for gradients of an equilibrium use :class:`~lightning_nd.implicit.DEQ`.
 
     Args:
         name: registry name (``"fixed_point"``, ``"anderson"``, ``"broyden"``, or one you registered).
@@ -423,7 +503,8 @@ def solve(
         **options: solver-specific options (``solver_options(name)`` lists them).
 
     Returns:
-        The best iterate per sample (same structure and dtypes as ``z0``) and its :class:`SolverStats`.
+        The best iterate per sample (same structure and dtypes as ``z0``) and its :class:`SolverStats` (whose ``fz``
+        is ``f`` at that iterate, in ``f``'s output structure and dtypes).
 
     Raises:
         ValueError: for an unknown solver or option, ``tol <= 0``, ``max_iter < 1`` or an unknown stop mode.
@@ -434,11 +515,17 @@ def solve(
     device_type, dtype = z0_flat.device.type, solver_dtype(z0_flat.dtype)
     enabled, ac_dtype = _autocast_state(device_type)
 
+    out_spec = spec
+
     def flat_f(v: torch.Tensor) -> torch.Tensor:
+        nonlocal out_spec
         with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
             out = f(unflatten(v, spec))
+        out_spec = spec_of(out)
         return flatten(out, dtype)
 
     with torch.autocast(device_type, enabled=False):
         z, stats = get_solver(name)(flat_f, z0_flat.to(dtype), tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
+    if stats.fz is not None:
+        stats.fz = unflatten(stats.fz, out_spec)
     return unflatten(z, spec), stats

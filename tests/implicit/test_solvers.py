@@ -151,3 +151,99 @@ def test_registry_and_bad_input():
             register_solver("test_mine", mine)
     finally:
         SOLVERS.pop("test_mine")
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_solver_returns_f_of_the_returned_iterate(name):
+    # a contraction (every sample improves each step: the copy-free path), a map whose best iterate stays z0 while
+    # later ones blow up, and a batch where one sample is done at once (both: the per-sample selection path)
+    def exploding(z):
+        return z + 1.0 + z**2
+
+    def mixed(z):
+        return torch.stack([torch.ones_like(z[0]), 0.9 * z[1] + 1.0])
+
+    contraction, z0 = _contractive_map()
+    cases = [(contraction, z0, 1e-5), (exploding, torch.zeros(2, 4), 1e-6), (mixed, torch.zeros(2, 3), 1e-3)]
+    with torch.no_grad():
+        for f, start, tol in cases:
+            z, stats = solve(name, f, start, tol=tol, max_iter=60)
+            assert torch.equal(stats.fz, f(z))  # the very value the solver evaluated, not an approximation
+    # structured states: fz has f's structure and dtypes
+    x = torch.randn(3, 2, 4, 4)
+
+    def pair(z):
+        a, b = z
+        return torch.tanh(0.5 * a + x), (0.5 * b + a.mean(dim=(1, 2, 3))[:, None]).double()
+
+    with torch.no_grad():
+        z, stats = solve(name, pair, (torch.zeros_like(x), torch.zeros(3, 5)), tol=1e-4, max_iter=60)
+    assert isinstance(stats.fz, tuple) and stats.fz[1].dtype == torch.float64
+    for got, want in zip(stats.fz, pair(z)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, check_dtype=True)
+
+
+def test_deq_inference_reuses_the_solvers_value_of_the_equilibrium(monkeypatch):
+    # Inference returns f(z*) without evaluating the cell once more; a solver that does not report fz (a user's)
+    # gets the extra evaluation. Both give the same output, bit for bit.
+    from lightning_nd.implicit import DEQ
+
+    def without_value(f, z0, **kwargs):
+        z, stats = SOLVERS["anderson"](f, z0, **kwargs)
+        stats.fz = None
+        return z, stats
+
+    monkeypatch.setitem(SOLVERS, "test_anderson_without_value", without_value)
+    cell = ConvCell(channels=4, scale=0.5).eval()
+    calls = []
+    cell.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(3, 4, 6, 6)
+    outs = {}
+    with torch.no_grad():
+        for solver in ("anderson", "test_anderson_without_value"):
+            calls.clear()
+            deq = DEQ(cell, f_solver=solver, f_tol=1e-4, f_max_iter=30).eval()
+            outs[solver] = deq(x)
+            outs[solver + " calls"] = len(calls) - deq.last_stats.forward.nfe
+            assert deq.last_stats.forward.fz is None  # a whole state is not kept in the stats
+    assert torch.equal(outs["anderson"], outs["test_anderson_without_value"])
+    assert outs["anderson calls"] == 0 and outs["test_anderson_without_value calls"] == 1
+
+
+def test_anderson_history_buffers_are_reused_only_where_safe():
+    from lightning_nd.implicit.solvers import _HISTORY
+
+    f, z0 = _contractive_map()
+    _HISTORY.idle.clear()
+    with torch.no_grad():
+        z_first, _ = solve("anderson", f, z0, tol=1e-6, max_iter=50)
+        pooled = {t.data_ptr() for t in _HISTORY.idle}
+        assert len(pooled) == 2  # F and G, lent back after the solve
+        z_again, _ = solve("anderson", f, z0, tol=1e-6, max_iter=50)  # runs on the reused (dirty) buffers
+        assert torch.equal(z_first, z_again) and {t.data_ptr() for t in _HISTORY.idle} == pooled
+
+        # a solve nested inside another's f (a DEQ inside a DEQ cell) gets its own buffers
+        def outer(z):
+            inner, _ = solve("anderson", lambda u: 0.5 * torch.tanh(u) + z, torch.zeros_like(z), tol=1e-7, max_iter=40)
+            return f(inner)
+
+        z_nested, _ = solve("anderson", outer, z0, tol=1e-6, max_iter=50)
+    _HISTORY.idle.clear()
+    with torch.no_grad():
+        z_fresh, _ = solve("anderson", outer, z0, tol=1e-6, max_iter=50)
+    assert torch.equal(z_nested, z_fresh)
+    assert len(_HISTORY.idle) <= _HISTORY.max_idle
+
+    # inference-mode buffers are not lent to a later no_grad solve (writing them there would raise)
+    _HISTORY.idle.clear()
+    with torch.inference_mode():
+        solve("anderson", f, z0, tol=1e-6, max_iter=50)
+    with torch.no_grad():
+        z_after, _ = solve("anderson", f, z0, tol=1e-6, max_iter=50)
+    assert torch.equal(z_after, z_first)
+
+    # with autograd on nothing is pooled (a graph could still read a lent buffer)
+    _HISTORY.idle.clear()
+    c = torch.randn(5, 32, requires_grad=True)
+    z, stats = solve("anderson", lambda z: 0.5 * torch.tanh(z) + c, torch.zeros(5, 32), tol=1e-6, max_iter=30)
+    assert not _HISTORY.idle and bool(stats.converged.all()) and z.requires_grad
