@@ -94,3 +94,21 @@ def test_cifar_recipe_config_builds_mdeq_small(repo_root):
     model.eval()
     with torch.inference_mode():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_benchmark_chooses_the_test_time_cap_on_held_out_images_only(repo_root, monkeypatch):
+    # deq_fashion.py may report a cheaper test-time cap, but it must pick it without looking at test accuracy
+    monkeypatch.syspath_prepend(os.path.join(repo_root, "benchmarks"))
+    from deq_fashion import VAL_TOLERANCE, choose_cap
+
+    assert VAL_TOLERANCE == 0.25
+    sweep = [
+        {"cap": 3, "val_acc": 0.850, "acc": 0.99},  # best on test, far worse held out: never chosen
+        {"cap": 4, "val_acc": 0.8978, "acc": 0.10},  # 0.22 points below cap 6 held out: within the tolerance
+        {"cap": 5, "val_acc": 0.8990, "acc": 0.20},
+        {"cap": 6, "val_acc": 0.9000, "acc": 0.30},
+        {"cap": 8, "val_acc": 0.9010, "acc": 0.40},
+    ]
+    assert choose_cap(sweep, own_cap=6) == 4
+    sweep[1]["val_acc"] = 0.8970  # 0.30 points below: out
+    assert choose_cap(sweep, own_cap=6) == 5
