@@ -314,8 +314,7 @@ def report(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace, 
         f"Fashion-MNIST, {args.train_subset:,} training images (seeded subset), {args.epochs} epochs, batch "
         f"{args.batch_size}, Adam 2e-3 with cosine decay, seeds {seeds}; accuracy on {args.test_subset:,} official "
         f"test images. All models trained in lockstep in one process (interleaved timing, {args.threads} torch "
-        f"thread(s)) on a "
-        "**2-core CPU shared with other jobs**: absolute times are noisy, the ratios to the ResNet timed in the same "
+        "thread(s)) on a **2-core CPU shared with other jobs**: absolute times are noisy, the ratios to the ResNet timed in the same "
         "run are the result. Values are mean (min-max) over seeds.",
         "",
         "Recipes: " + "; ".join(f"`{n}`: {RECIPES[n]['note']}" for n in args.recipes),
@@ -405,13 +404,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 training images, 1 epoch, 1,000 test images")
     parser.add_argument("--train-subset", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test-subset", type=int, default=10000)
     parser.add_argument("--sweep-subset", type=int, default=5000,
                         help="held-out training images (not in --train-subset) for choosing a test-time cap")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=["fast", "wide"], choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["wide"], choices=sorted(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="deq_fashion", help="results file stem")
     parser.add_argument("--no-glance", action="store_true",
