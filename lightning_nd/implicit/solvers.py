@@ -109,7 +109,8 @@ class _Tracker:
 
     The first recorded iterate must be ``z0`` (true of every solver here), so ``best_f`` pairs with ``best`` even for a
     sample that never improves. Iterates and values are kept by reference while every sample improves (the usual
-    case: no copy per step), so a solver must not modify them in place after recording them.
+    case: no copy per step), so a solver must not modify them in place after recording them, and the returned iterate
+    may be ``z0`` itself (:func:`solve` passes a copy).
     """
 
     def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str) -> None:
@@ -525,7 +526,9 @@ def solve(
         return flatten(out, dtype)
 
     with torch.autocast(device_type, enabled=False):
-        z, stats = get_solver(name)(flat_f, z0_flat.to(dtype), tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
+        # a copy: the solvers may return the start itself (no iterate improved on it), which must not be the caller's
+        start = z0_flat.to(dtype, copy=True)
+        z, stats = get_solver(name)(flat_f, start, tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)
     if stats.fz is not None:
         stats.fz = unflatten(stats.fz, out_spec)
     return unflatten(z, spec), stats

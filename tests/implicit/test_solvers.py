@@ -69,8 +69,12 @@ def test_map_without_fixed_point_returns_best_finite_iterate(name):
     def f(z):
         return z + 1.0 + z**2  # f(z) - z = 1 + z^2 > 0: no fixed point; plain iteration explodes
 
+    start = torch.zeros(2, 4)
     with torch.no_grad():
-        z, stats = solve(name, f, torch.zeros(2, 4), tol=1e-6, max_iter=100)
+        z, stats = solve(name, f, start, tol=1e-6, max_iter=100)
+        z_one, _ = solve(name, f, start, tol=1e-6, max_iter=1)
+    start.add_(7.0)  # the returned start is a copy, not the caller's tensor
+    assert torch.equal(z_one, torch.zeros(2, 4))
     assert torch.isfinite(z).all()
     assert not bool(stats.converged.any())
     # the best residual is the one at z0 = 0 (||1|| = 2): the lowest possible, kept although later iterates blow up
