@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deq_fashion import RECIPES, SmallResNet, build_mdeq, load_fashion
 from results_io import write_results
 
-from lightning_nd.implicit import SOLVERS
+from lightning_nd.implicit import SOLVERS, register_solver
 from lightning_nd.implicit.solvers import _HISTORY
 
 VARIANTS = ("default", "no value reuse", "no buffer reuse", "neither")
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--name", default="deq_inference")
     args = parser.parse_args()
-    SOLVERS.setdefault(WITHOUT_VALUE, _anderson_without_value)
+    register_solver(WITHOUT_VALUE, _anderson_without_value)
     images = load_fashion("test")[0][: args.batch]
     results = {(s, t): measure(s, t, images, args.rounds, args.calls) for t in args.threads for s in args.seeds}
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

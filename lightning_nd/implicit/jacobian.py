@@ -149,13 +149,6 @@ class JacobianStep:
     loss: torch.Tensor | None = None
 
 
-def deq_layers(net: nn.Module) -> list[nn.Module]:
-    """The equilibrium layers of ``net`` (duck-typed: ``last_stats``, ``mode`` and ``jac_reg`` attributes)."""
-    from lightning_nd.implicit.deq import find_deqs  # deq.py imports this module: import late to avoid a cycle
-
-    return [m for _, m in find_deqs(net)]
-
-
 @contextmanager
 def jacobian_step(
     net: nn.Module, schedule: JacobianSchedule, step: int, epoch: int, warmup: bool | None = None
@@ -190,7 +183,9 @@ def jacobian_step(
             loss = loss + jac.weight * jac.loss
         loss.backward()
     """
-    deqs = deq_layers(net)
+    from lightning_nd.implicit.deq import find_deqs  # deq.py imports this module: import late to avoid a cycle
+
+    deqs = [m for _, m in find_deqs(net)]
     if not deqs:
         raise ValueError(f"jacobian_step needs a network with at least one DEQ layer; {type(net).__name__} has none")
     if warmup is None:

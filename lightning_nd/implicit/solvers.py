@@ -119,9 +119,6 @@ class _Tracker:
         self.best = z0
         self.best_f: torch.Tensor | None = None
         self.best_metric = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
-        self.best_abs = self.best_metric.clone()
-        self.best_rel = self.best_metric.clone()
-        self.best_step = torch.zeros(b, dtype=torch.long, device=z0.device)
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
         self.first: torch.Tensor | None = None
@@ -138,9 +135,6 @@ class _Tracker:
         metric = abs_res if self.stop_mode == "abs" else rel_res
         better = metric < self.best_metric  # False for NaN: a NaN iterate is never kept
         self.best_metric = torch.where(better, metric, self.best_metric)
-        self.best_abs = torch.where(better, abs_res, self.best_abs)
-        self.best_rel = torch.where(better, rel_res, self.best_rel)
-        self.best_step = torch.where(better, torch.full_like(self.best_step, self.nfe), self.best_step)
         if self.first is None:
             self.first = abs_res.clone()
         # one host synchronisation per evaluation for the stopping tests and the copy-free update (not one each)
@@ -158,19 +152,26 @@ class _Tracker:
         return broken or done
 
     def stats(self, name: str, max_iter: int) -> SolverStats:
+        abs_trace, rel_trace = torch.stack(self.abs_trace, dim=1), torch.stack(self.rel_trace, dim=1)
+        # the kept step, derived once from the traces instead of tracked per evaluation: the first strict minimum
+        # of the stop metric (NaN never kept); a sample with no finite residual keeps z0 (step 0, residuals inf)
+        metric = (abs_trace if self.stop_mode == "abs" else rel_trace).nan_to_num(nan=float("inf"))
+        index = metric.argmin(dim=1, keepdim=True)
+        kept = torch.isfinite(metric.gather(1, index))[:, 0]
+        inf = torch.full_like(self.best_metric, float("inf"))
         return SolverStats(
             solver=name,
             nfe=self.nfe,
-            nstep=self.best_step,
-            abs=self.best_abs,
-            rel=self.best_rel,
+            nstep=torch.where(kept, index[:, 0] + 1, 0),
+            abs=torch.where(kept, abs_trace.gather(1, index)[:, 0], inf),
+            rel=torch.where(kept, rel_trace.gather(1, index)[:, 0], inf),
             converged=self.best_metric < self.tol,
             diverged=self.diverged,
             tol=self.tol,
             stop_mode=self.stop_mode,
             max_iter=max_iter,
-            abs_trace=torch.stack(self.abs_trace, dim=1),
-            rel_trace=torch.stack(self.rel_trace, dim=1),
+            abs_trace=abs_trace,
+            rel_trace=rel_trace,
             fz=self.best_f,
         )
 
@@ -516,13 +517,14 @@ def solve(
     device_type, dtype = z0_flat.device.type, solver_dtype(z0_flat.dtype)
     enabled, ac_dtype = _autocast_state(device_type)
 
-    out_spec = spec
+    out_spec = None  # structure of f's output, read at the first evaluation (for stats.fz)
 
     def flat_f(v: torch.Tensor) -> torch.Tensor:
         nonlocal out_spec
         with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
             out = f(unflatten(v, spec))
-        out_spec = spec_of(out)
+        if out_spec is None:
+            out_spec = spec_of(out)
         return flatten(out, dtype)
 
     with torch.autocast(device_type, enabled=False):

@@ -23,6 +23,7 @@ under DDP (it repeats images to even out the ranks) does not count them twice.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -432,16 +433,15 @@ class DetectionModule(pl.LightningModule):
         targets = self._without_crowds(list(targets))
         self._check_labels(targets)
         size = len(images)
-        if self.jac_schedule is None:
+        regularised = (nullcontext() if self.jac_schedule is None
+                       else jacobian_step(self.net, self.jac_schedule, self.global_step, self.current_epoch))
+        with regularised as jac:
             losses = self.net(list(images), list(targets))
-        else:
-            with jacobian_step(self.net, self.jac_schedule, self.global_step, self.current_epoch) as jac:
-                losses = self.net(list(images), list(targets))
         loss = sum(losses.values())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size)
-        if self.jac_schedule is not None and jac.loss is not None:
+        if jac is not None and jac.loss is not None:
             # train/loss stays the detector's loss (comparable with the FPN's); the regulariser is logged apart
             self.log("train/jac_loss", jac.loss.detach(), on_step=True, on_epoch=True, batch_size=size)
             self.log("train/jac_weight", jac.weight, on_step=True, on_epoch=False, batch_size=size)
