@@ -316,3 +316,28 @@ def test_lnd_fit_under_real_ddp_exits_cleanly(repo_root, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stderr.count("lnd fit finished") + out.stdout.count("lnd fit finished") == 1  # rank 0 reports once
     assert (tmp_path / "runs" / "quickstart" / "search" / "arch.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_lnd_fit_mdeq_under_real_ddp_exits_cleanly(repo_root, tmp_path):
+    """The MDEQ config with popen DDP (2 CPU ranks) past its unrolled warm-up: solves, adjoint solves and the
+    inference path (validation) run on each rank, and the run exits 0."""
+    config = (Path(repo_root) / "configs" / "implicit" / "mdeq_tiny_fashion.yaml").read_text()
+    assert "warmup_steps: 100" in config
+    (tmp_path / "mdeq.yaml").write_text(config.replace("warmup_steps: 100", "warmup_steps: 1"))
+    lnd = Path(sys.executable).with_name("lnd")
+    command = [str(lnd)] if lnd.exists() else [sys.executable, "-m", "lightning_nd"]
+    out = subprocess.run(
+        [*command, "fit", "-c", "mdeq.yaml", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+         "--trainer.devices=2", "--trainer.max_steps=3", "--trainer.limit_train_batches=3",
+         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+         "--trainer.enable_checkpointing=false"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("lnd fit finished") + out.stdout.count("lnd fit finished") == 1
