@@ -1,7 +1,7 @@
 """Where MDEQ-tiny's inference time goes on CPU: the solver-side savings switched off one at a time.
 
-MDEQ-tiny (recipe ``wide`` of ``deq_fashion.py``, untrained weights of each seed: an inference call runs the forward
-solver to its cap either way) and the equal-size ResNet classify the first ``--batch`` Fashion-MNIST test images. In
+MDEQ-tiny (``deq_fashion.CONFIG_RECIPE``, the config's recipe; untrained weights of each seed: an inference call runs
+the forward solver to its cap either way) and the equal-size ResNet classify the first ``--batch`` Fashion-MNIST test images. In
 each round every variant and the ResNet are timed in turn (median of ``--calls`` calls), with the minor page faults
 per call counted by ``getrusage``; a variant's time is reported as a ratio to the ResNet's in the same round, median
 (min-max) over rounds, then over seeds and thread counts. Variants:
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deq_fashion import RECIPES, SmallResNet, build_mdeq, load_fashion
+from deq_fashion import CONFIG_RECIPE, RECIPES, SmallResNet, build_mdeq, load_fashion
 from results_io import write_results
 
 from lightning_nd.implicit import SOLVERS, register_solver
@@ -64,7 +64,7 @@ def _time(fn, calls: int) -> tuple[float, float]:
 def measure(seed: int, threads: int, images: torch.Tensor, rounds: int, calls: int) -> dict[str, list[dict]]:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    net = build_mdeq(RECIPES["wide"]).eval()
+    net = build_mdeq(RECIPES[CONFIG_RECIPE]).eval()
     torch.manual_seed(seed)
     resnet = SmallResNet().eval()
     rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -98,8 +98,8 @@ def main() -> None:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
         "# MDEQ-tiny inference on CPU: solver-side savings switched off one at a time", "", f"`{command}`", "",
-        f"Recipe `wide`, batch {args.batch} Fashion-MNIST test images, {args.rounds} rounds x {args.calls} calls per "
-        f"variant, seeds {args.seeds}, torch threads {args.threads}. Ratio: inference time / the ResNet's in the same "
+        f"Recipe `{CONFIG_RECIPE}`, batch {args.batch} Fashion-MNIST test images, {args.rounds} rounds x {args.calls} "
+        f"calls per variant, seeds {args.seeds}, torch threads {args.threads}. Ratio: inference time / the ResNet's in the same "
         "round; faults: minor page faults per call. Median (min-max) over rounds; the last column pools all seeds.", "",
         "| variant | " + " | ".join(f"seed {s}, {t} thr." for t in args.threads for s in args.seeds)
         + " | all: ratio | all: faults / call |",

@@ -16,7 +16,8 @@ It also writes the mean residual curve per solver iteration (forward and backwar
 sample) of the trained model: the data the tolerances and caps of the fast recipe were chosen from.
 
 It ends with the per-evaluation cost of the cell in channels-last layout and under ``torch.compile`` (``--compile``,
-which takes minutes to compile on a small CPU), timed interleaved with the eager cell.
+which takes minutes to compile on a small CPU), timed interleaved with the eager cell. Last, the ways of computing a row of
+Anderson's Gram matrix, timed against each other.
 
     python benchmarks/deq_profile.py [--recipes baseline fast] [--train-steps 150] [--profile-steps 8] [--compile]
 """
@@ -204,7 +205,7 @@ def time_cell_variants(net: torch.nn.Module, compile_cell: bool, repeats: int) -
         "## Cheaper cell evaluations: channels-last and torch.compile",
         "",
         f"One cell evaluation of the trained MDEQ-tiny cell (batch 64), median of {repeats} interleaved repeats "
-        "(1 torch thread); `vjp` = a tracked evaluation plus its vector-Jacobian product (what each adjoint step "
+        f"({torch.get_num_threads()} torch thread(s)); `vjp` = a tracked evaluation plus its vector-Jacobian product (what each adjoint step "
         "costs)." + (f" Compilation took {compile_s:.0f} s." if compile_s is not None else
                      " torch.compile not timed in this run (`--compile`)."),
         "",
@@ -216,6 +217,40 @@ def time_cell_variants(net: torch.nn.Module, compile_cell: bool, repeats: int) -
         out.append(f"| {key} | {1000 * f:.2f} | {f / base_f:.2f}x | {1000 * b:.2f} | {b / base_b:.2f}x |")
     cell.train()
     net.stem.train()
+    return out
+
+
+def time_gram_variants(net: torch.nn.Module, repeats: int, batch: int = 64, filled: int = 5) -> list[str]:
+    """Median time of one Anderson Gram row (the newest residual against ``filled`` stored ones), four ways."""
+    d = sum(c * h * w for c, h, w in net.cell.state_shapes(14, 14))  # 28x28 images after the stride-2 stem
+    G = torch.randn(batch, 6, d)
+    newest = G[:, filled - 1]
+    variants = {
+        "(1, D) x (D, filled) matmul per sample (used)": lambda: (newest[:, None] @ G[:, :filled].transpose(1, 2))[:, 0],
+        "torch.linalg.vecdot (used before)": lambda: torch.linalg.vecdot(G[:, :filled], newest[:, None]),
+        "(filled, D) x (D, 1) bmm (used first)": lambda: torch.bmm(G[:, :filled], newest[:, :, None])[..., 0],
+        "broadcast product summed in float64 (tol < 1e-4)": lambda: (G[:, :filled] * newest[:, None]).sum(-1, dtype=torch.float64),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats * 10):  # interleaved
+        for key, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    base = statistics.median(times[next(iter(variants))])
+    out = [
+        "",
+        "## Anderson's Gram row",
+        "",
+        f"One row of the Gram matrix of the residuals (batch {batch}, D = {d} per sample, {filled} stored residuals), "
+        f"median of {repeats * 10} interleaved repeats ({torch.get_num_threads()} torch thread(s)).",
+        "",
+        "| variant | us | x used |",
+        "|---|---|---|",
+    ]
+    for key, ts in times.items():
+        t = statistics.median(ts)
+        out.append(f"| {key} | {1e6 * t:.0f} | {t / base:.2f}x |")
     return out
 
 
@@ -246,6 +281,7 @@ def main() -> None:
         section, net = profile_recipe(name, args)
         lines += section
     lines += time_cell_variants(net, args.compile, args.repeats)
+    lines += time_gram_variants(net, args.repeats)
     text = "\n".join(lines)
     print(text)
     write_results(args.name, text, command=command)

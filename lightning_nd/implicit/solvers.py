@@ -303,10 +303,11 @@ def _anderson(
         if X is not None:
             X[:, slot] = x
         filled = min(filled + 1, m)
-        # (b, filled): vecdot (or a broadcast product summed in float64, see `gram_dtype`) is faster on CPU than a
-        # batched matrix-vector bmm for these thin shapes, and more exact
+        # (b, filled): a (1, d) x (d, filled) product per sample, faster on CPU than vecdot (which builds the whole
+        # (b, filled, d) product first) and than the (filled, d) x (d, 1) bmm (benchmarks/deq_profile.py times all
+        # three). Below the float64 threshold the broadcast product is summed in float64 (see `gram_dtype`)
         if gram_dtype == G.dtype:
-            row = torch.linalg.vecdot(G[:, :filled], G[:, slot, None])
+            row = (G[:, slot, None] @ G[:, :filled].transpose(1, 2))[:, 0]
         else:
             row = (G[:, :filled] * G[:, slot, None]).sum(-1, dtype=gram_dtype).to(G.dtype)
         GG[:, slot, :filled] = row

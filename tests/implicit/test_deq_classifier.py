@@ -58,12 +58,12 @@ def test_tiny_fashion_config_runs(repo_root):
 
 
 def test_tiny_fashion_config_is_the_benchmarked_recipe(repo_root, monkeypatch):
-    # issue 15: the config ships what benchmarks/deq_fashion.py measured as recipe "wide" (widths, solver caps and
-    # tolerances, Jacobian-regularisation schedule with forward-cap jitter), so README numbers describe the config
+    # issue 15: the config ships what benchmarks/deq_fashion.py measured as its CONFIG_RECIPE (widths, solver caps
+    # and tolerances, Jacobian-regularisation schedule with forward-cap jitter), so README numbers describe the config
     monkeypatch.syspath_prepend(os.path.join(repo_root, "benchmarks"))
-    from deq_fashion import RECIPES, build_mdeq
+    from deq_fashion import CONFIG_RECIPE, RECIPES, build_mdeq
 
-    recipe = RECIPES["wide"]
+    recipe = RECIPES[CONFIG_RECIPE]
     cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml", "--trainer.logger=false"],
                      run=False)
     net, benchmarked = cli.model.net, build_mdeq(recipe)

@@ -251,3 +251,39 @@ def test_anderson_history_buffers_are_reused_only_where_safe():
     c = torch.randn(5, 32, requires_grad=True)
     z, stats = solve("anderson", lambda z: 0.5 * torch.tanh(z) + c, torch.zeros(5, 32), tol=1e-6, max_iter=30)
     assert not _HISTORY.idle and bool(stats.converged.all()) and z.requires_grad
+
+
+def _reference_anderson(f, z0, max_iter, m, lam):
+    """Textbook Anderson (locuslab/deq form, absolute lam, beta 1) in float64, its Gram matrix rebuilt every step."""
+    xs, fs = [z0], [f(z0)]
+    xs.append(fs[0])
+    fs.append(f(xs[1]))
+    for _ in range(2, max_iter):
+        x_hist, f_hist = torch.stack(xs[-m:], 1), torch.stack(fs[-m:], 1)
+        g = f_hist - x_hist
+        n = g.shape[1]
+        h = torch.zeros(z0.shape[0], n + 1, n + 1, dtype=z0.dtype)
+        h[:, 0, 1:] = h[:, 1:, 0] = 1.0
+        h[:, 1:, 1:] = g @ g.transpose(1, 2) + lam * torch.eye(n, dtype=z0.dtype)
+        rhs = torch.zeros(z0.shape[0], n + 1, 1, dtype=z0.dtype)
+        rhs[:, 0] = 1.0
+        alpha = torch.linalg.solve(h, rhs)[:, 1:, 0]
+        xs.append((alpha[:, None] @ f_hist)[:, 0])
+        fs.append(f(xs[-1]))
+    residual = torch.stack([(fx - x).norm(dim=1) for x, fx in zip(xs, fs)], 1)
+    best = residual.argmin(dim=1)
+    return torch.stack(xs, 1)[torch.arange(z0.shape[0]), best]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_anderson_follows_the_reference_iteration(dtype, tol):
+    # every Gram path: float32 products (tol >= 1e-4), float32 residuals summed in float64 (below), float64 state;
+    # a history of 4 over 9 evaluations wraps the circular buffer
+    f, z0 = _contractive_map(seed=3, d=40, b=6)
+    f64 = lambda z: f(z.float()).double()  # noqa: E731  (deterministic, so both solvers see the same map)
+    with torch.no_grad():
+        z, stats = solve("anderson", f if dtype == torch.float32 else f64, z0.to(dtype), tol=tol, max_iter=9,
+                         stop_mode="abs", m=4, lam=1e-4, relative_lam=False)
+    assert stats.nfe >= 6  # several mixing steps, the history wrapped
+    expected = _reference_anderson(f64, z0.double(), max_iter=stats.nfe, m=4, lam=1e-4)
+    torch.testing.assert_close(z.double(), expected, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
