@@ -6,12 +6,12 @@ hits both alike and the reported ratios come from interleaved timings. Adam 2e-3
 same seeded subset, order and epoch budget for both; accuracy on the official 10,000-image test set after every
 epoch (inference timed per batch, interleaved as well). The MDEQ follows a *recipe* (``RECIPES``): its solver,
 tolerances and caps, backward mode, unrolled warm-up, Jacobian-regularisation schedule and MDEQ-tiny's widths
-(``wide_b4``, ``CONFIG_RECIPE``, is the one of ``configs/implicit/mdeq_tiny_fashion.yaml``, ``fast`` the first one of issue 15 with the
-original 8 / 16-channel cell, ``baseline`` the one before issue 15; the others are ablations). The first epoch holds the unrolled
-warm-up; the step time reported is the median over the steps after it (the same steps for every model). At the end the final models are evaluated with other
-test-time forward caps (accuracy against inference cost), on held-out training images (``--sweep-subset`` images not
-in the training subset) and on the test images; a cheaper cap is chosen on the held-out images only
-(``VAL_TOLERANCE``) and reported on the test images.
+(``CONFIG_RECIPE`` = ``wide_b4`` is the one of ``configs/implicit/mdeq_tiny_fashion.yaml``, ``fast`` the first one of
+issue 15 with the original 8 / 16-channel cell, ``baseline`` the one before issue 15; the others are ablations). The
+first epoch holds the unrolled warm-up; the step time reported is the median over the steps after it (the same steps
+for every model). At the end the final models are evaluated with other test-time forward caps (accuracy against
+inference cost), on held-out training images (``--sweep-subset`` images not in the training subset) and on the test
+images; a cheaper cap is chosen on the held-out images only (``VAL_TOLERANCE``) and reported on the test images.
 
     python benchmarks/deq_fashion.py --quick                     # smoke run (1,000 images, 1 epoch, 1 seed)
     python benchmarks/deq_fashion.py --train-subset 20000 --epochs 12 --seeds 0 1 2 --recipes wide wide_b4

@@ -1,10 +1,10 @@
 """Where MDEQ-tiny's inference time goes on CPU: the solver-side savings switched off one at a time.
 
 MDEQ-tiny (``deq_fashion.CONFIG_RECIPE``, the config's recipe; untrained weights of each seed: an inference call runs
-the forward solver to its cap either way) and the equal-size ResNet classify the first ``--batch`` Fashion-MNIST test images. In
-each round every variant and the ResNet are timed in turn (median of ``--calls`` calls), with the minor page faults
-per call counted by ``getrusage``; a variant's time is reported as a ratio to the ResNet's in the same round, median
-(min-max) over rounds, then over seeds and thread counts. Variants:
+the forward solver to its cap either way) and the equal-size ResNet classify the first ``--batch`` Fashion-MNIST test
+images. In each round every variant and the ResNet are timed in turn (median of ``--calls`` calls), with the minor
+page faults per call counted by ``getrusage``; a variant's time is reported as a ratio to the ResNet's in the same
+round, median (min-max) over rounds, then over seeds and thread counts. Variants:
 
 - ``default``: what ships;
 - ``no value reuse``: the solver does not hand back ``f(z*)``, so the DEQ evaluates the cell once more;
@@ -99,8 +99,9 @@ def main() -> None:
     lines = [
         "# MDEQ-tiny inference on CPU: solver-side savings switched off one at a time", "", f"`{command}`", "",
         f"Recipe `{CONFIG_RECIPE}`, batch {args.batch} Fashion-MNIST test images, {args.rounds} rounds x {args.calls} "
-        f"calls per variant, seeds {args.seeds}, torch threads {args.threads}. Ratio: inference time / the ResNet's in the same "
-        "round; faults: minor page faults per call. Median (min-max) over rounds; the last column pools all seeds.", "",
+        f"calls per variant, seeds {args.seeds}, torch threads {args.threads}. Ratio: inference time / the ResNet's in "
+        "the same round; faults: minor page faults per call. Median (min-max) over rounds; the last column pools all "
+        "seeds.", "",
         "| variant | " + " | ".join(f"seed {s}, {t} thr." for t in args.threads for s in args.seeds)
         + " | all: ratio | all: faults / call |",
         "|---|" + "---|" * (len(results) + 2),

@@ -16,8 +16,8 @@ It also writes the mean residual curve per solver iteration (forward and backwar
 sample) of the trained model: the data the tolerances and caps of the fast recipe were chosen from.
 
 It ends with the per-evaluation cost of the cell in channels-last layout and under ``torch.compile`` (``--compile``,
-which takes minutes to compile on a small CPU), timed interleaved with the eager cell. Last, the ways of computing a row of
-Anderson's Gram matrix, timed against each other.
+which takes minutes to compile on a small CPU), timed interleaved with the eager cell. Last, the ways of computing
+a row of Anderson's Gram matrix, timed against each other.
 
     python benchmarks/deq_profile.py [--recipes baseline fast] [--train-steps 150] [--profile-steps 8] [--compile]
 """
@@ -205,8 +205,8 @@ def time_cell_variants(net: torch.nn.Module, compile_cell: bool, repeats: int) -
         "## Cheaper cell evaluations: channels-last and torch.compile",
         "",
         f"One cell evaluation of the trained MDEQ-tiny cell (batch 64), median of {repeats} interleaved repeats "
-        f"({torch.get_num_threads()} torch thread(s)); `vjp` = a tracked evaluation plus its vector-Jacobian product (what each adjoint step "
-        "costs)." + (f" Compilation took {compile_s:.0f} s." if compile_s is not None else
+        f"({torch.get_num_threads()} torch thread(s)); `vjp` = a tracked evaluation plus its vector-Jacobian product "
+        "(what each adjoint step costs)." + (f" Compilation took {compile_s:.0f} s." if compile_s is not None else
                      " torch.compile not timed in this run (`--compile`)."),
         "",
         "| variant | eval ms | x eager | eval + vjp ms | x eager |",
@@ -224,12 +224,12 @@ def time_gram_variants(net: torch.nn.Module, repeats: int, batch: int = 64, fill
     """Median time of one Anderson Gram row (the newest residual against ``filled`` stored ones), four ways."""
     d = sum(c * h * w for c, h, w in net.cell.state_shapes(14, 14))  # 28x28 images after the stride-2 stem
     G = torch.randn(batch, 6, d)
-    newest = G[:, filled - 1]
+    stored, newest = G[:, :filled], G[:, filled - 1]
     variants = {
-        "(1, D) x (D, filled) matmul per sample (used)": lambda: (newest[:, None] @ G[:, :filled].transpose(1, 2))[:, 0],
-        "torch.linalg.vecdot (used before)": lambda: torch.linalg.vecdot(G[:, :filled], newest[:, None]),
-        "(filled, D) x (D, 1) bmm (used first)": lambda: torch.bmm(G[:, :filled], newest[:, :, None])[..., 0],
-        "broadcast product summed in float64 (tol < 1e-4)": lambda: (G[:, :filled] * newest[:, None]).sum(-1, dtype=torch.float64),
+        "(1, D) x (D, filled) matmul per sample (used)": lambda: (newest[:, None] @ stored.transpose(1, 2))[:, 0],
+        "torch.linalg.vecdot (used before)": lambda: torch.linalg.vecdot(stored, newest[:, None]),
+        "(filled, D) x (D, 1) bmm (used first)": lambda: torch.bmm(stored, newest[:, :, None])[..., 0],
+        "broadcast product summed in float64 (tol < 1e-4)": lambda: (stored * newest[:, None]).sum(-1, dtype=torch.float64),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats * 10):  # interleaved

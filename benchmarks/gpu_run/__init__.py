@@ -60,7 +60,7 @@ class Config:
     speed_rounds: int = 20
     speed_warmup: int = 5
     # implicit
-    mdeq_recipe: str = "wide_b4"  # deq_fashion.py recipe: CONFIG_RECIPE, the one of configs/implicit/mdeq_tiny_fashion.yaml
+    mdeq_recipe: str = "wide_b4"  # deq_fashion.py recipe (its CONFIG_RECIPE, that of mdeq_tiny_fashion.yaml)
     mdeq_batch: int = 128
     mdeq_lr: float = 2e-3
     mdeq_share: float = 0.75  # of the part's budget for the MDEQ (the ResNet is several times faster per step)
