@@ -287,34 +287,36 @@ def test_progress_bar_shows_the_whole_version(tmp_path):
     assert len(bars) == 1 and bars[0].get_metrics(cli.trainer, cli.model)["v_num"] == "search"
 
 
+def _lnd_fit_under_ddp(cwd: Path, *args: str) -> None:
+    """Run `lnd fit ARGS` as a user would, with popen DDP on 2 CPU ranks; it must exit 0 and report once (rank 0)."""
+    lnd = Path(sys.executable).with_name("lnd")
+    command = [str(lnd)] if lnd.exists() else [sys.executable, "-m", "lightning_nd"]
+    out = subprocess.run(
+        [*command, "fit", *args, "--trainer.accelerator=cpu", "--trainer.devices=2",
+         "--trainer.enable_progress_bar=false"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("lnd fit finished") + out.stdout.count("lnd fit finished") == 1
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_lnd_fit_under_real_ddp_exits_cleanly(repo_root, tmp_path):
     """`lnd fit` with popen DDP (2 CPU ranks): no collective on a subset of ranks at the end (it used to exit 1)."""
-    lnd = Path(sys.executable).with_name("lnd")
-    command = [str(lnd)] if lnd.exists() else [sys.executable, "-m", "lightning_nd"]
-    out = subprocess.run(
-        [
-            *command,
-            "fit",
-            "-c",
-            f"{repo_root}/configs/quickstart.yaml",
-            "--trainer.strategy=ddp_find_unused_parameters_true",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    _lnd_fit_under_ddp(
+        tmp_path,
+        "-c",
+        f"{repo_root}/configs/quickstart.yaml",
+        "--trainer.strategy=ddp_find_unused_parameters_true",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
     )
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stderr.count("lnd fit finished") + out.stdout.count("lnd fit finished") == 1  # rank 0 reports once
     assert (tmp_path / "runs" / "quickstart" / "search" / "arch.json").is_file()
 
 
@@ -326,18 +328,6 @@ def test_lnd_fit_mdeq_under_real_ddp_exits_cleanly(repo_root, tmp_path):
     config = (Path(repo_root) / "configs" / "implicit" / "mdeq_tiny_fashion.yaml").read_text()
     assert "warmup_steps: 100" in config
     (tmp_path / "mdeq.yaml").write_text(config.replace("warmup_steps: 100", "warmup_steps: 1"))
-    lnd = Path(sys.executable).with_name("lnd")
-    command = [str(lnd)] if lnd.exists() else [sys.executable, "-m", "lightning_nd"]
-    out = subprocess.run(
-        [*command, "fit", "-c", "mdeq.yaml", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
-         "--trainer.devices=2", "--trainer.max_steps=3", "--trainer.limit_train_batches=3",
-         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-         "--trainer.enable_checkpointing=false"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stderr.count("lnd fit finished") + out.stdout.count("lnd fit finished") == 1
+    _lnd_fit_under_ddp(tmp_path, "-c", "mdeq.yaml", "--trainer.strategy=ddp", "--trainer.max_steps=3",
+                       "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.logger=false",
+                       "--trainer.enable_checkpointing=false")
