@@ -32,7 +32,6 @@ Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` in :attr:`DEQ.jac_loss` for the t
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from lightning_nd.implicit.jacobian import jacobian_loss
 from lightning_nd.implicit.norm import reset_dropout
 from lightning_nd.implicit.solvers import EPS, SolverStats, check_solver_args, get_solver, solve
 from lightning_nd.implicit.structure import State, flatten, solver_dtype, spec_of, unflatten, zeros_like_state
+from lightning_nd.implicit.warn import UnconvergedWarner, warn_user
 
 BACKWARD_MODES = ("ift", "phantom")
 MODES = ("equilibrium", "unrolled")
@@ -83,6 +83,7 @@ class DEQConfig:
     jac_reg: bool = False  # compute the Jacobian-regularisation loss in training forwards
     jac_vecs: int = 1  # Hutchinson probe vectors
     warn_diverged: bool = True  # warn on a diverged forward solve and on adjoint solves that fall back to dl/dz
+    warn_unconverged_every: int = 100  # warn about unconverged forward solves at most once per this many calls (0: never)
     solve_fp32: bool = True  # under autocast, solve and take adjoint products in float32 (bf16 floors at ~3e-3 rel)
 
     def __post_init__(self) -> None:
@@ -102,6 +103,10 @@ class DEQConfig:
             raise ValueError(f"unroll_layers={self.unroll_layers} must be an integer >= 1")
         if not (isinstance(self.jac_vecs, int) and self.jac_vecs >= 1):
             raise ValueError(f"jac_vecs={self.jac_vecs} must be an integer >= 1")
+        if isinstance(self.warn_unconverged_every, bool) or not (
+            isinstance(self.warn_unconverged_every, int) and self.warn_unconverged_every >= 0
+        ):
+            raise ValueError(f"warn_unconverged_every={self.warn_unconverged_every!r} must be an integer >= 0")
         for name in ("jac_reg", "warn_diverged", "solve_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
@@ -254,8 +259,9 @@ def _residual_stats(prev: torch.Tensor, last: torch.Tensor, n: int, cfg: DEQConf
 class DEQ(nn.Module):
     """Deep equilibrium layer around a cell ``cell(z, x) -> z`` (any ``nn.Module`` or callable).
 
-    ``DEQ(cell, ...)(x, z0=None)`` returns the equilibrium state (same structure as ``z0``: a tensor or a tuple/list
-    of tensors). ``z0`` defaults to zeros shaped like ``x``; pass it explicitly when the state differs from the input
+    ``DEQ(cell, ...)(x, z0=None)`` returns ``f(z*, x)``, the cell applied once at the solver's equilibrium ``z*`` (the
+    one application autograd records; equal to ``z*`` up to the residual), in the structure of the cell's output (that
+    of ``z0``: a tensor or a tuple/list of tensors). ``z0`` defaults to zeros shaped like ``x``; pass it explicitly when the state differs from the input
     (multiscale states, other channel counts). Options are the fields of :class:`DEQConfig`, given as a config object,
     a dict, or keyword arguments (keywords win).
 
@@ -272,6 +278,8 @@ class DEQ(nn.Module):
         jac_loss: the differentiable Jacobian-regularisation loss of the last training forward, or None.
         backward_solves, backward_unconverged: adjoint solves run so far / those with a sample above ``b_tol``.
         backward_fallbacks: samples whose adjoint solve never improved on its start and got the 1-step gradient.
+        warn_unconverged: warn (at most once per ``warn_unconverged_every`` calls) when a forward solve leaves
+            samples above ``f_tol`` (mutable; ``DEQMonitor`` turns it off and acts on non-convergence itself).
 
     Raises:
         ValueError: for unknown option names (listing the allowed ones) or invalid values (unknown solver,
@@ -302,6 +310,8 @@ class DEQ(nn.Module):
         self.backward_solves = 0
         self.backward_unconverged = 0
         self.backward_fallbacks = 0
+        self.warn_unconverged = self.config.warn_unconverged_every > 0
+        self._unconverged_warner = UnconvergedWarner(self.config.warn_unconverged_every)
 
     def _note_backward(self, stats: SolverStats) -> None:
         """Count an adjoint solve; warn when some samples got the dl/dz fallback or the solve diverged."""
@@ -311,13 +321,12 @@ class DEQ(nn.Module):
         self.backward_unconverged += int(missed > 0)
         self.backward_fallbacks += fallback
         if self.config.warn_diverged and (fallback or stats.diverged):
-            warnings.warn(
-                "DEQ adjoint (backward) solve made no progress or diverged: samples whose solve never improved on "
-                "its start get the 1-step gradient dl/dz instead of the implicit one (counted in "
-                "DEQ.backward_fallbacks; DEQMonitor logs bwd_fallback). The cell is not contractive at z*: use "
-                "weight norm, Jacobian regularisation, warm-up, or backward='phantom'.",
-                RuntimeWarning,
-                stacklevel=2,
+            warn_user(
+                f"DEQ adjoint (backward) solve made no progress or diverged: {fallback} of {stats.converged.numel()} "
+                f"samples never improved on their start and get the 1-step gradient dl/dz instead of the implicit "
+                f"one (counted in DEQ.backward_fallbacks; DEQMonitor logs bwd_fallback), {stats.num_diverged} "
+                "diverged. The cell is not contractive at z*: use weight norm, Jacobian regularisation, warm-up, or "
+                "backward='phantom'."
             )
 
     def extra_repr(self) -> str:
@@ -426,14 +435,18 @@ class DEQ(nn.Module):
         record = DEQStats("equilibrium", fstats)
         self.last_stats = record
         if fstats.diverged and cfg.warn_diverged:
-            warnings.warn(
-                f"DEQ forward solve diverged ({cfg.f_solver}): residual became non-finite or exploded after "
-                f"{fstats.nfe} evaluations (worst abs residual {float(fstats.abs.max()):.3g}); the best finite "
-                "iterate is used. Make the cell more contractive (weight norm, smaller weights, Jacobian "
-                "regularisation) or lower the learning rate.",
-                RuntimeWarning,
-                stacklevel=3,
+            bad, nonfinite = fstats.diverged_indices, fstats.nonfinite_indices
+            shown = f"{bad[:10]}{' ...' if len(bad) > 10 else ''}"
+            warn_user(
+                f"DEQ forward solve diverged ({cfg.f_solver}): {len(bad)} of {fstats.converged.numel()} samples "
+                f"(batch indices {shown}) had a non-finite ({len(nonfinite)}) or exploding residual within "
+                f"{fstats.nfe} evaluations; each keeps its best finite iterate (the start if none: check those "
+                "inputs for NaN/inf). The other samples were solved as without them (per-sample stop and break). "
+                "If finite inputs diverge, make the cell more contractive (weight norm, smaller weights, Jacobian "
+                "regularisation) or lower the learning rate."
             )
+        if self.warn_unconverged:
+            self._unconverged_warner.note(fstats.converged, fstats.residual, fstats.tol, fstats.stop_mode, fstats.nfe)
         if not self._needs_grad(x):  # inference, or a frozen layer: one application, no backward machinery
             if f_star is not None and f32 is None:  # the solver already evaluated f(z*)
                 return f_star

@@ -4,11 +4,13 @@ Every solver works on a ``(B, D)`` matrix (one flattened state per sample), keep
 stays float64) even under bf16/fp16 autocast, and reports **per-sample** statistics (:class:`SolverStats`): absolute
 residual ``||f(z) - z||``, relative residual ``||f(z) - z|| / (||f(z)|| + 1e-9)``, the step at which the returned
 iterate was found, and the traces. The iterate returned is the **best** one per sample (lowest residual in the stop
-mode), starting from ``z0`` itself, so a solver that never improves still returns something finite. A solver stops
-when the **worst** sample meets the tolerance, when the iteration cap is reached, or (protective break) when a
-residual turns non-finite or grows ``1e6`` times above its first value. Those three tests are read back in **one**
-host synchronisation per evaluation (the only one in a solve: a solver that stops early must look at its residual);
-everything else, including Anderson's fallback for singular systems, stays on the device.
+mode), starting from ``z0`` itself, so a solver that never improves still returns something finite. Stopping and
+divergence are **per sample** (:mod:`lightning_nd.implicit.tracker`): a sample below the tolerance is finished and its
+result frozen; a sample whose residual turns non-finite or grows ``1e6`` times above its first value is dead, keeps its
+best finite iterate, is reported in ``stats.diverged_samples`` and never changes the other samples' results. The
+solve ends when every sample is finished or dead, or at the cap. Those tests are read back in **one** host
+synchronisation per evaluation; everything else, including Anderson's fallback for singular systems, stays on the
+device.
 
 :func:`solve` is the entry point; it accepts a tensor or a tuple/list of tensors for ``z0`` (``f`` then receives and
 returns the same structure) and looks the solver up in the registry by name: ``"fixed_point"`` (alias
@@ -27,153 +29,24 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lightning_nd.implicit.structure import State, flatten, solver_dtype, spec_of, unflatten
+from lightning_nd.implicit.tracker import DIVERGENCE_FACTOR, EPS, SolverStats, Tracker
+
+__all__ = [
+    "DIVERGENCE_FACTOR", "EPS", "SOLVERS", "STOP_MODES", "SolverStats", "anderson", "broyden", "check_solver_args",
+    "fixed_point", "get_solver", "register_solver", "solve", "solver_options",
+]
 
 STOP_MODES = ("abs", "rel")
-DIVERGENCE_FACTOR = 1e6  # protective break: residual above this multiple of the first residual
-EPS = 1e-9  # relative-residual denominator guard
 GRAM_FLOAT64_BELOW_TOL = 1e-4  # Anderson sums its Gram matrix in float64 for tolerances below this
+BROYDEN_MEMORY = 27  # default rank-1 factors of Broyden before it restarts (benchmarks/deq_solvers.py)
+ANDERSON_RESTART_AFTER = 0  # default evaluations without improvement before Anderson clears a sample's history
 
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SolverStats:
-    """Statistics of one solve. Tensors are per sample (length B) and detached.
-
-    Attributes:
-        solver: registry name of the solver.
-        nfe: function evaluations spent (the same for every sample).
-        nstep: per sample, the evaluation (1-based) that produced the returned iterate.
-        abs: per sample, absolute residual of the returned iterate.
-        rel: per sample, relative residual of the returned iterate.
-        converged: per sample, whether the residual in ``stop_mode`` is below ``tol``.
-        diverged: the protective break fired (non-finite or exploding residual).
-        tol, stop_mode, max_iter: the stopping rule used.
-        abs_trace, rel_trace: ``(B, nfe)`` residual of every evaluated iterate.
-        fz: ``f`` at the returned iterate (same structure as ``f``'s output) when the solver kept it (the built-in
-            ones do), else None; :class:`~lightning_nd.implicit.DEQ` uses it at inference instead of evaluating the
-            cell once more, and drops it.
-
-    Raises:
-        Nothing: a plain record, built by the solvers (invalid solver arguments are rejected by :func:`solve`).
-
-    Example::
-
-        _, stats = solve("broyden", f, z0, tol=1e-4, max_iter=30)
-        if not bool(stats.converged.all()):
-            print(stats.summary()["rel_max"], stats.nstep.tolist())
-    """
-
-    solver: str
-    nfe: int
-    nstep: torch.Tensor
-    abs: torch.Tensor
-    rel: torch.Tensor
-    converged: torch.Tensor
-    diverged: bool
-    tol: float
-    stop_mode: str
-    max_iter: int
-    abs_trace: torch.Tensor = field(repr=False)
-    rel_trace: torch.Tensor = field(repr=False)
-    fz: Any = field(default=None, repr=False)
-
-    @property
-    def residual(self) -> torch.Tensor:
-        """Per-sample residual in the stop mode."""
-        return self.abs if self.stop_mode == "abs" else self.rel
-
-    def summary(self) -> dict[str, float]:
-        """Scalars for logging: mean and max of the residuals and steps, the converged share, divergence flag."""
-        return {
-            "nfe": float(self.nfe),
-            "nstep_mean": float(self.nstep.float().mean()),
-            "nstep_max": float(self.nstep.max()),
-            "abs_mean": float(self.abs.mean()),
-            "abs_max": float(self.abs.max()),
-            "rel_mean": float(self.rel.mean()),
-            "rel_max": float(self.rel.max()),
-            "converged": float(self.converged.float().mean()),
-            "diverged": float(self.diverged),
-        }
-
-
-class _Tracker:
-    """Keeps the best iterate per sample (and ``f`` of it), the traces and the stopping decision.
-
-    The first recorded iterate must be ``z0`` (true of every solver here), so ``best_f`` pairs with ``best`` even for a
-    sample that never improves. Iterates and values are kept by reference while every sample improves (the usual
-    case: no copy per step), so a solver must not modify them in place after recording them, and the returned iterate
-    may be ``z0`` itself (:func:`solve` passes a copy).
-    """
-
-    def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str) -> None:
-        self.tol, self.stop_mode = tol, stop_mode
-        b = z0.shape[0]
-        self.best = z0
-        self.best_f: torch.Tensor | None = None
-        self.best_metric = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
-        self.abs_trace: list[torch.Tensor] = []
-        self.rel_trace: list[torch.Tensor] = []
-        self.first: torch.Tensor | None = None
-        self.nfe = 0
-        self.diverged = False
-
-    def record(self, z: torch.Tensor, fz: torch.Tensor, diff: torch.Tensor | None = None) -> bool:
-        """Record the residual of iterate ``z`` (value ``fz``, ``diff = fz - z`` if known); True means stop."""
-        self.nfe += 1
-        abs_res = (fz - z if diff is None else diff).norm(dim=1)
-        rel_res = abs_res / (fz.norm(dim=1) + EPS)
-        self.abs_trace.append(abs_res)
-        self.rel_trace.append(rel_res)
-        metric = abs_res if self.stop_mode == "abs" else rel_res
-        better = metric < self.best_metric  # False for NaN: a NaN iterate is never kept
-        self.best_metric = torch.where(better, metric, self.best_metric)
-        if self.first is None:
-            self.first = abs_res.clone()
-        # one host synchronisation per evaluation for the stopping tests and the copy-free update (not one each)
-        broken, done, all_better = torch.stack([
-            ~torch.isfinite(abs_res).all() | (abs_res > DIVERGENCE_FACTOR * (self.first + EPS)).any(),
-            self.best_metric.max() < self.tol,
-            better.all(),
-        ]).tolist()
-        if all_better:
-            self.best, self.best_f = z, fz
-        else:
-            self.best = torch.where(better[:, None], z, self.best)
-            self.best_f = fz if self.best_f is None else torch.where(better[:, None], fz, self.best_f)
-        self.diverged = self.diverged or broken
-        return broken or done
-
-    def stats(self, name: str, max_iter: int) -> SolverStats:
-        abs_trace, rel_trace = torch.stack(self.abs_trace, dim=1), torch.stack(self.rel_trace, dim=1)
-        # the kept step, derived once from the traces instead of tracked per evaluation: the first strict minimum
-        # of the stop metric (NaN never kept); a sample with no finite residual keeps z0 (step 0, residuals inf)
-        metric = (abs_trace if self.stop_mode == "abs" else rel_trace).nan_to_num(nan=float("inf"))
-        index = metric.argmin(dim=1, keepdim=True)
-        kept = torch.isfinite(metric.gather(1, index))[:, 0]
-        inf = torch.full_like(self.best_metric, float("inf"))
-        return SolverStats(
-            solver=name,
-            nfe=self.nfe,
-            nstep=torch.where(kept, index[:, 0] + 1, 0),
-            abs=torch.where(kept, abs_trace.gather(1, index)[:, 0], inf),
-            rel=torch.where(kept, rel_trace.gather(1, index)[:, 0], inf),
-            converged=self.best_metric < self.tol,
-            diverged=self.diverged,
-            tol=self.tol,
-            stop_mode=self.stop_mode,
-            max_iter=max_iter,
-            abs_trace=abs_trace,
-            rel_trace=rel_trace,
-            fz=self.best_f,
-        )
 
 
 class _HistoryPool:
@@ -225,7 +98,8 @@ def fixed_point(
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"fixed_point tau={tau} must be in (0, 1]")
-    track = _Tracker(z0, tol, stop_mode)
+    track = Tracker(z0, tol, stop_mode)
+    f = track.guard(f)
     z = z0
     for _ in range(max_iter):
         fz = f(z)
@@ -246,6 +120,7 @@ def anderson(
     lam: float = 1e-4,
     beta: float = 1.0,
     relative_lam: bool = True,
+    restart_after: int = ANDERSON_RESTART_AFTER,
 ) -> tuple[torch.Tensor, SolverStats]:
     """Anderson acceleration with history ``m``, Tikhonov regularisation ``lam`` and mixing ``beta``.
 
@@ -255,6 +130,11 @@ def anderson(
     Solves the bordered system ``[[0, 1^T], [1, G G^T + lam I]] [nu, alpha] = [1, 0]`` per sample with
     ``torch.linalg.solve_ex``; a sample whose system is singular falls back to a plain step (``alpha`` = the newest
     iterate) instead of failing the batch (locuslab/deq#20).
+
+    Args:
+        restart_after: a sample whose best residual has not improved for this many evaluations has its history
+            cleared (all but the newest pair; safeguarded Anderson): a stale, ill-conditioned history otherwise keeps
+            extrapolating from the same points without progress. 0 never restarts.
     """
     if m < 2:
         raise ValueError(f"anderson m={m} must be >= 2")
@@ -262,11 +142,13 @@ def anderson(
         raise ValueError(f"anderson lam={lam} must be >= 0")
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"anderson beta={beta} must be in (0, 1]")
+    if isinstance(restart_after, bool) or not (isinstance(restart_after, int) and restart_after >= 0):
+        raise ValueError(f"anderson restart_after={restart_after!r} must be an integer >= 0")
     b, d = z0.shape
     # history buffers f(iterates), residuals f(x) - x and (only needed for mixing) iterates: only the first `filled`
     # slots are ever read, so they need no zero fill, and on CPU they are reused between solves (`_HistoryPool`)
     with _HISTORY.lend(z0, (b, m, d), 2 if beta == 1.0 else 3) as buffers:
-        return _anderson(f, z0, tol, max_iter, stop_mode, m, lam, beta, relative_lam, *buffers)
+        return _anderson(f, z0, tol, max_iter, stop_mode, m, lam, beta, relative_lam, restart_after, *buffers)
 
 
 def _anderson(
@@ -279,12 +161,14 @@ def _anderson(
     lam: float,
     beta: float,
     relative_lam: bool,
+    restart_after: int,
     F: torch.Tensor,
     G: torch.Tensor,
     X: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolverStats]:
     b = z0.shape[0]
-    track = _Tracker(z0, tol, stop_mode)
+    track = Tracker(z0, tol, stop_mode, stall_steps=restart_after)
+    f = track.guard(f)
     GG = z0.new_zeros(b, m, m)  # Gram matrix of the residuals, updated one row per step
     # The Gram matrix enters normal equations, so near a tight tolerance its rounding decides whether the solve still
     # converges (an ill-conditioned adjoint solve to 1e-8 does only with a float64 sum). A float64 sum converts the
@@ -292,6 +176,7 @@ def _anderson(
     # below 1e-4; looser solves (the recipes' 2e-2 / 5e-2) sum in the solver's own dtype
     gram_dtype = torch.float64 if tol < GRAM_FLOAT64_BELOW_TOL else z0.dtype
     filled = 0
+    valid: torch.Tensor | None = None  # (b, m) history slots in use per sample, once some sample has restarted
 
     def store(slot: int, x: torch.Tensor, fx: torch.Tensor) -> bool:
         nonlocal filled
@@ -303,6 +188,8 @@ def _anderson(
         if X is not None:
             X[:, slot] = x
         filled = min(filled + 1, m)
+        if valid is not None:
+            valid[:, slot] = True
         # (b, filled): a (1, d) x (d, filled) product per sample, faster on CPU than vecdot (which builds the whole
         # (b, filled, d) product first) and than the (filled, d) x (d, 1) bmm (benchmarks/deq_profile.py times all
         # three). Below the float64 threshold the broadcast product is summed in float64 (see `gram_dtype`)
@@ -326,15 +213,30 @@ def _anderson(
     y[:, 0] = 1.0
     eye = torch.eye(m, dtype=z0.dtype, device=z0.device)
     for k in range(2, max_iter):
-        n = filled
+        n, newest = filled, (k - 1) % m
+        if track.any_stalled:  # clear the stalled samples' histories but for the newest pair
+            if valid is None:
+                valid = torch.ones(b, m, dtype=torch.bool, device=z0.device)
+            valid = valid & ~track.stalled[:, None]
+            valid[:, newest] = True
+            track.restarted(track.stalled)
         gram = GG[:, :n, :n]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None] if relative_lam else 1.0
+        if valid is None:
+            diag = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+        else:
+            # a cleared slot gets an identity row and column and a 0 in the border: its alpha is exactly 0
+            v = valid[:, :n]
+            gram = torch.where(v[:, :, None] & v[:, None, :], gram, 0.0) + torch.diag_embed((~v).to(gram.dtype))
+            H[:, 0, 1 : n + 1] = v
+            H[:, 1 : n + 1, 0] = v
+            diag = (gram.diagonal(dim1=1, dim2=2) * v).sum(dim=1) / v.sum(dim=1)
+        scale = diag.clamp_min(1e-30)[:, None, None] if relative_lam else 1.0
         H[:, 1 : n + 1, 1 : n + 1] = gram + lam * scale * eye[:n, :n]
         sol, info = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], y[:, : n + 1])
         alpha = sol[:, 1 : n + 1, 0]
         bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
         plain = torch.zeros_like(alpha)
-        plain[:, (k - 1) % m] = 1.0  # newest stored pair
+        plain[:, newest] = 1.0  # newest stored pair
         alpha = torch.where(bad[:, None], plain, alpha)  # unconditionally: no host synchronisation to test `bad`
         new = (alpha[:, None] @ F[:, :n])[:, 0]
         if X is not None:
@@ -363,19 +265,23 @@ def _matvec(us: torch.Tensor, vts: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 
 
 def broyden(
-    f: FlatFn, z0: torch.Tensor, *, tol: float, max_iter: int, stop_mode: str, memory: int = 27
+    f: FlatFn, z0: torch.Tensor, *, tol: float, max_iter: int, stop_mode: str, memory: int = BROYDEN_MEMORY
 ) -> tuple[torch.Tensor, SolverStats]:
     """Limited-memory ("good") Broyden on g(z) = f(z) - z, without line search (locuslab/mdeq, torchdeq).
 
-    The inverse Jacobian of g is approximated by ``-I + U V^T`` with at most ``memory`` rank-1 factors kept in a
-    circular buffer, so the solver's memory is ``2 * memory * D`` per sample whatever ``max_iter`` is (the full-memory
-    variant of locuslab/deq grows with the cap, locuslab/deq#28).
+    The inverse Jacobian of g is approximated by ``-I + U V^T`` with at most ``memory`` rank-1 factors, so the
+    solver's memory is ``2 * memory * D`` per sample whatever ``max_iter`` is (the full-memory variant of locuslab/deq
+    grows with the cap, locuslab/deq#28). When the memory is full the estimate **restarts** from ``-I`` (restarted
+    Broyden). locuslab/mdeq instead overwrites the oldest factor in a circular buffer, but each factor was built on
+    all the earlier ones, so the remaining product is no secant approximation at all: past the wrap the steps can go
+    anywhere (a float64 GroupNorm cell diverged at evaluation 52 with memory 27, tests/implicit/test_solver_robustness.py).
     """
-    if memory < 1:
-        raise ValueError(f"broyden memory={memory} must be >= 1")
+    if isinstance(memory, bool) or not (isinstance(memory, int) and memory >= 1):
+        raise ValueError(f"broyden memory={memory!r} must be an integer >= 1")
     b, d = z0.shape
     mem = min(memory, max_iter)
-    track = _Tracker(z0, tol, stop_mode)
+    track = Tracker(z0, tol, stop_mode)
+    f = track.guard(f)
     z = z0
     fz = f(z)
     gz = fz - z
@@ -393,6 +299,8 @@ def broyden(
         z, gz = z_new, g_new
         if track.record(z, fz, gz):
             break
+        if used == mem:  # restart: the next secant update starts again from -I
+            used = 0
         part_u, part_vt = us[:, :used], vts[:, :used]
         vt = _rmatvec(part_u, part_vt, dz)
         denom = torch.einsum("bd,bd->b", vt, dg)
@@ -400,10 +308,9 @@ def broyden(
         u = (dz - _matvec(part_u, part_vt, dg)) / torch.where(ok, denom, torch.ones_like(denom))[:, None]
         u = torch.where(ok[:, None] & torch.isfinite(u), u, torch.zeros_like(u))
         vt = torch.where(ok[:, None] & torch.isfinite(vt), vt, torch.zeros_like(vt))
-        slot = (track.nfe - 2) % mem
-        us[:, slot] = u
-        vts[:, slot] = vt
-        used = min(used + 1, mem)
+        us[:, used] = u
+        vts[:, used] = vt
+        used += 1
         update = -_matvec(us[:, :used], vts[:, :used], gz)
     return track.best, track.stats("broyden", max_iter)
 

@@ -137,7 +137,7 @@ def test_registry_and_bad_input():
         solve("anderson", f, z0, max_iter=0)
     with pytest.raises(ValueError, match="stop_mode='max'"):
         solve("anderson", f, z0, stop_mode="max")
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['memory'\].*\['beta', 'lam', 'm', 'relative_lam'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['memory'\].*\['beta', 'lam', 'm', 'relative_lam', 'restart_after'\]"):
         solve("anderson", f, z0, memory=3)
     with pytest.raises(ValueError, match="m=1"):
         solve("anderson", f, z0, m=1)
