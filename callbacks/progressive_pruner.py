@@ -7,6 +7,11 @@ masked, skipping any op whose removal would empty its decision. Shrinking stops 
 ``space_threshold`` architectures. Optionally the AngleTracker's reference is reset once to the current weights
 after ``reset_reference_after`` dropped ops (ABS: 50).
 
+Input choices (DARTS) are decisions like any other: their input combinations are scored and masked as ops are,
+and at least one combination, i.e. ``n_chosen`` inputs, always stays alive. An op on an input edge is scored only
+over paths that choose that input (the sampled paths' input choice is redrawn among the alive combinations holding
+it); an op whose every such combination was masked scores ``-inf`` and goes first.
+
 Degenerate paths (every route cut by ``none``, or only parameter-free ops on the surviving routes) count with
 angle 0, the AngleTracker's ``weight_free="zero"`` rule (RLNAS-NB201 gives disconnected cells 0): they lower the
 mean of the ops they contain instead of lending them the fixed layers' angle. Near-ties are decided by a documented
@@ -35,7 +40,7 @@ from typing_extensions import override
 
 from lightning_nd.callbacks.angle_tracker import AngleTracker, supernet_of
 from lightning_nd.nas.angle import AngleStats, op_kind
-from lightning_nd.nas.arch import alive_options, decisions, set_alive, space_size
+from lightning_nd.nas.arch import Decision, alive_options, canonical_archs, decisions, set_alive, space_size, used_mask
 from lightning_nd.nas.flops import ArchCost, CostConstraint
 from lightning_nd.nas.sampler import uniform_archs
 from lightning_nd.utils import atomic_write_text, log_image, progress, run_dir
@@ -164,8 +169,24 @@ class ProgressivePruner(Callback):
 
     # ---------------------------------------------------------------- scoring
     def sample_paths(self, rng: np.random.Generator, options: list[list[int]], decision: int, op: int,
-                     n: int, identity: list[int | None]) -> np.ndarray:
-        """``n`` random paths with ``op`` forced at ``decision`` (ABS random-depth sampling when enabled)."""
+                     n: int, identity: list[int | None], found: list[Decision] | None = None) -> np.ndarray:
+        """``n`` random paths with ``op`` forced at ``decision`` (ABS random-depth sampling when enabled).
+
+        With ``found`` (the decisions) a decision gated by an input choice is made used: each path's input choice
+        is redrawn among the alive combinations that hold its input (no path when there is none).
+        """
+        archs = self._sample_forced(rng, options, decision, op, n, identity)
+        gate = found[decision].gate if found is not None else None
+        if gate is not None:
+            g, pos = gate
+            holding = [c for c in options[g] if pos in found[g].combinations[c]]
+            if not holding:
+                return archs[:0]
+            archs[:, g] = np.asarray(holding, dtype=np.int64)[rng.integers(0, len(holding), size=len(archs))]
+        return archs
+
+    def _sample_forced(self, rng: np.random.Generator, options: list[list[int]], decision: int, op: int,
+                       n: int, identity: list[int | None]) -> np.ndarray:
         if not self.depth_sampling:
             archs = uniform_archs(rng, options, n)
             archs[:, decision] = op
@@ -193,18 +214,26 @@ class ProgressivePruner(Callback):
         options = alive_options(net)
         open_ops = [(d, o) for d, opts in enumerate(options) if len(opts) > 1 for o in opts]
         scores: dict[tuple[int, int], float] = {}
+        found = decisions(net)
+        gated = any(d.gate is not None for d in found)
         if math.prod(len(o) for o in options) <= self.exhaustive_below:
             archs = np.array(list(itertools.product(*options)), dtype=np.int64)
+            if gated:  # one row per network: ops on unchosen inputs spelled one way
+                archs = np.unique(canonical_archs(found, archs, options), axis=0)
             if self.constraint is not None:
                 archs = archs[self.constraint.mask(archs)]
             angles = stats.path_angles(archs, self._weight_free()) if len(archs) else np.zeros(0)
+            used = used_mask(found, archs) if len(archs) else np.zeros((0, len(found)), dtype=bool)
             for d, o in open_ops:
-                hit = archs[:, d] == o if len(archs) else np.zeros(0, dtype=bool)
+                hit = (archs[:, d] == o) & used[:, d] if len(archs) else np.zeros(0, dtype=bool)
                 scores[(d, o)] = float(angles[hit].mean()) if hit.any() else -math.inf
             return scores
-        identity = identity_ops(net)
+        # random depth is a chain-of-layers notion: a skip op on a DARTS input edge is not a skipped layer
+        identity = [None if dec.gate is not None else i for dec, i in zip(found, identity_ops(net))]
         for d, o in open_ops if trainer is None else progress(open_ops, "ABS shrink step", trainer):
-            archs = self.sample_paths(rng, options, d, o, 2 * self.paths_per_op, identity)
+            archs = self.sample_paths(rng, options, d, o, 2 * self.paths_per_op, identity, found)
+            if gated:
+                archs = canonical_archs(found, archs, options)
             if self.constraint is not None:
                 archs = archs[self.constraint.mask(archs)]
             if len(archs):

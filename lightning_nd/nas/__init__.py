@@ -6,6 +6,7 @@ from lightning_nd.nas.arch import (
     alive_options,
     arch_from_json,
     arch_to_json,
+    canonical_arch,
     check_arch,
     decisions,
     export_subnet,
@@ -14,9 +15,10 @@ from lightning_nd.nas.arch import (
     set_alive,
     set_arch,
     space_size,
+    used_mask,
 )
 from lightning_nd.nas.bn import recalibrate_bn
-from lightning_nd.nas.choice import Choice
+from lightning_nd.nas.choice import Choice, InputChoice
 from lightning_nd.nas.evolution import Evolution
 from lightning_nd.nas.flops import ArchCost, CostConstraint, count_flops, count_params
 from lightning_nd.nas.naswot import naswot_score
@@ -34,6 +36,7 @@ __all__ = [
     "CostConstraint",
     "Decision",
     "Evolution",
+    "InputChoice",
     "PathSampler",
     "Subnet",
     "alive_options",
@@ -41,6 +44,7 @@ __all__ = [
     "arch_hash",
     "arch_to_json",
     "build_space",
+    "canonical_arch",
     "check_arch",
     "count_flops",
     "count_params",
@@ -55,4 +59,5 @@ __all__ = [
     "set_alive",
     "set_arch",
     "space_size",
+    "used_mask",
 ]

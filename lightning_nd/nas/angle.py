@@ -18,7 +18,7 @@ Which weights form v is the *angle vector*: :data:`ANGLE_PRESETS` holds the offi
 ``tests/nas/test_angle.py``), :class:`AngleVector` custom ones; ``cells_only`` drops the fixed layers. Paths without
 any searchable weight are degenerate: see :class:`AngleStats`.
 
-The multiplicity defaults to 1 for every decision. A space whose path vector repeats blocks provides
+The multiplicity defaults to 1 for every decision the path uses (0 for ops on unchosen inputs). A space whose path vector repeats blocks provides
 ``angle_multiplicity(archs) -> (n, decisions)`` (NAS-Bench-201: an edge counts once per surviving input->output
 path of the cell; a row of zeros means every path was dropped by ``none`` and the angle is defined as 0).
 """
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_nd.nas.arch import Decision, decisions
+from lightning_nd.nas.arch import Decision, decisions, used_mask
 from lightning_nd.nas.choice import Choice
 
 IdentityMode = Literal["none", "eye"]
@@ -89,6 +89,9 @@ class AngleVector:
     op_bias: bool = False  # conv/linear biases inside candidate ops
     identity: IdentityMode = "none"  # identity op: nothing (ABS) or an eye(C) pseudo-weight (RLNAS-MobileNet)
     cells_only: bool = False  # leave the fixed part out: only the chosen ops' weights form the vector
+    # class names of candidate ops whose norm *bias* the official vector replaces by the norm weight (so the weight
+    # counts twice, the bias never): RLNAS-DARTS ``get_arch_vector`` reads ``op[3].weight`` for a dil conv's bias
+    op_norm_bias_as_weight: tuple[str, ...] = ()
 
 
 # The official vectors. NB201 (ABS ``exps/angle/weight_angle.py``, RLNAS ``exps/algos/weight_angle.py``, the same
@@ -97,12 +100,20 @@ class AngleVector:
 # path, and a cell whose every path holds ``none`` has angle 0. MobileNet (ABS ``SPOS/shrinking/shrinking.py``
 # ``get_arch_vector``; RLNAS ``evolution_search/test_server.py``): stem conv, the first MBConv's two convs, the last
 # 1x1 conv and the classifier weight (no bias, no BN), plus the three convs of each chosen MBConv; RLNAS adds the
-# weight and bias of the first two BNs of each chosen op and an ``eye(out, in)`` for identity layers.
+# weight and bias of the first two BNs of each chosen op and an ``eye(out, in)`` for identity layers. DARTS (RLNAS
+# ``darts_search_space/*/evolution_search/test_server.py``): stem conv + BN, each cell's preprocessing convs + BNs,
+# the classifier weight (no bias), and per cell, for each of the 30 input->node routes, every op's convs and BN affine
+# (skip: ``eye(C)``, or the FactorizedReduce weights at stride 2; pool: a 1/9 kernel + its BN), routes through an
+# unchosen edge dropped; the space's ``angle_multiplicity`` counts the routes. A supernet with ``affine=True`` (as
+# RLNAS's) is needed for the BN parts.
 ANGLE_PRESETS: dict[str, AngleVector] = {
     "abs_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
     "rlnas_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
     "abs_mobilenet": AngleVector(),
     "rlnas_mobilenet": AngleVector(op_norm_affine=2, identity="eye"),
+    "rlnas_darts": AngleVector(
+        fixed_norm_affine=True, op_norm_affine=None, identity="eye", op_norm_bias_as_weight=("DilConv",)
+    ),
 }
 
 
@@ -183,6 +194,7 @@ class AngleLayout:
     decisions: list[Decision]
     multiplicity: Callable[[np.ndarray], np.ndarray] | None  # the space's angle_multiplicity, if any
     cells_only: bool = False  # the fixed part is left out of every path vector
+    scale: np.ndarray | None = None  # per name: how often the parameter appears in the vector (default once)
 
     @classmethod
     def build(
@@ -212,13 +224,26 @@ class AngleLayout:
                         owner.setdefault(id(p), flat)
                     const[flat] += pseudo_norm2(op, (channels or {}).get(layer.label), vector.identity, layer.label)
         params = tracked_parameters(net, vector)
-        names = list(params)
+        scale_of: dict[int, float] = {}
+        for d in found:
+            for layer in d.layers:
+                for op in layer.candidates:
+                    if type(op).__name__ not in vector.op_norm_bias_as_weight:
+                        continue
+                    for norm in (m for m in op.modules() if isinstance(m, _NORMS)):
+                        if isinstance(norm.weight, nn.Parameter):
+                            scale_of[id(norm.weight)] = 2.0
+                        if isinstance(norm.bias, nn.Parameter):
+                            scale_of[id(norm.bias)] = 0.0
+        names = [n for n in params if scale_of.get(id(params[n]), 1.0) > 0]
         block_of = np.array([owner.get(id(params[n]), -1) for n in names], dtype=np.int64)
         if vector.cells_only:
             names, block_of = [n for n, b in zip(names, block_of) if b >= 0], block_of[block_of >= 0]
+        scale = np.array([scale_of.get(id(params[n]), 1.0) for n in names]) if scale_of else None
         multiplicity = getattr(net, "angle_multiplicity", None)
         return cls(
-            names, block_of, offsets, const, found, multiplicity if callable(multiplicity) else None, vector.cells_only
+            names, block_of, offsets, const, found, multiplicity if callable(multiplicity) else None, vector.cells_only,
+            scale,
         )
 
 
@@ -256,6 +281,8 @@ class AngleStats:
 
     def __init__(self, layout: AngleLayout, per_param: np.ndarray) -> None:
         self.layout = layout
+        if layout.scale is not None and len(per_param):
+            per_param = per_param * layout.scale[:, None]
         fixed = layout.block_of < 0
         self.fixed = per_param[fixed].sum(axis=0) if fixed.any() else np.zeros(3)
         self.blocks = np.zeros((len(layout.const), 3), dtype=np.float64)
@@ -271,8 +298,8 @@ class AngleStats:
         return cls(layout, parameter_stats(params, reference, layout.names))
 
     def _multiplicity(self, archs: np.ndarray) -> np.ndarray:
-        if self.layout.multiplicity is None:
-            return np.ones(archs.shape, dtype=np.float64)
+        if self.layout.multiplicity is None:  # once per used decision: ops on unchosen inputs are not in the path
+            return used_mask(self.layout.decisions, archs).astype(np.float64)
         return np.asarray(self.layout.multiplicity(archs), dtype=np.float64)
 
     def weight_free(self, archs: np.ndarray) -> np.ndarray:

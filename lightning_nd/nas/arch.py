@@ -4,6 +4,11 @@ An architecture is a ``list[int]``: one candidate index per *decision*, in the o
 first ``Choice`` appears in ``model.modules()``. A decision is a ``Choice`` key; ``Choice`` layers without a
 key are decisions of their own, named by their module path. The JSON form adds the op names, so an
 architecture file stays readable and is checked against the space it is loaded into.
+
+Input choices (:class:`~lightning_nd.nas.choice.InputChoice`) are decisions too; a decision whose layers are gated by
+one (the op on an input edge) is *used* by an architecture only when that input is chosen (:func:`used_mask`). The
+index of an unused decision does not change the network; :func:`canonical_arch` sets it to the first alive op so
+equal networks get equal architectures.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from lightning_nd.nas.choice import Choice
+from lightning_nd.nas.choice import Choice, InputChoice
 
 
 @dataclass
@@ -27,6 +33,8 @@ class Decision:
     key: str  # the Choice key, or the module path of a key-less Choice
     names: list[str]  # op names, identical for every layer of the decision
     layers: list[Choice]  # the Choice layers that take this decision
+    gate: tuple[int, int] | None = None  # (index of the gating input decision, input position), see used_mask
+    combinations: list[tuple[int, ...]] | None = None  # for an input decision: the inputs each index picks
 
     @property
     def alive(self) -> list[int]:
@@ -48,7 +56,7 @@ def decisions(model: nn.Module) -> list[Decision]:
     """The decisions of ``model`` in architecture order.
 
     Raises:
-        ValueError: when layers sharing a key have different op names.
+        ValueError: when layers sharing a key have different op names or gates, or a gate names no input choice.
     """
     groups: dict[str, Decision] = {}
     for name, choice in ((c.label, c) for c in list_choices(model)):
@@ -58,10 +66,60 @@ def decisions(model: nn.Module) -> list[Decision]:
                 raise ValueError(
                     f"Choice layers with key {key!r} have different ops: {groups[key].names} vs {choice.names}"
                 )
+            if groups[key].layers[0].gate != choice.gate:
+                raise ValueError(
+                    f"Choice layers with key {key!r} have different gates: {groups[key].layers[0].gate} vs {choice.gate}"
+                )
             groups[key].layers.append(choice)
         else:
-            groups[key] = Decision(key, list(choice.names), [choice])
-    return list(groups.values())
+            combos = list(choice.combinations) if isinstance(choice, InputChoice) else None
+            groups[key] = Decision(key, list(choice.names), [choice], combinations=combos)
+    found = list(groups.values())
+    index = {d.key: i for i, d in enumerate(found)}
+    for d in found:
+        gate = d.layers[0].gate
+        if gate is None:
+            continue
+        g = index.get(gate[0])
+        if g is None or found[g].combinations is None:
+            raise ValueError(f"decision {d.key!r} is gated by {gate[0]!r}, which is not an InputChoice key of the model")
+        if not 0 <= int(gate[1]) < max(max(c) for c in found[g].combinations) + 1:
+            raise ValueError(f"decision {d.key!r} is gated by input {gate[1]} of {gate[0]!r}, which has no such input")
+        d.gate = (g, int(gate[1]))
+    return found
+
+
+def used_mask(found: list[Decision], archs: Any) -> np.ndarray:
+    """Which decisions each architecture uses: an ``(n, decisions)`` bool array for an ``(n, decisions)`` int array.
+
+    A decision gated by an input choice is used only when that input is chosen (and the input decision is used).
+    """
+    archs = np.atleast_2d(np.asarray(archs, dtype=np.int64))
+    used = np.ones(archs.shape, dtype=bool)
+    for _ in range(2):  # a second pass settles gates of gates in any order
+        for d_idx, d in enumerate(found):
+            if d.gate is None:
+                continue
+            g, pos = d.gate
+            picks = np.array([pos in c for c in found[g].combinations], dtype=bool)
+            used[:, d_idx] = picks[archs[:, g]] & used[:, g]
+    return used
+
+
+def canonical_archs(found: list[Decision], archs: Any, options: list[list[int]] | None = None) -> np.ndarray:
+    """Every row of an ``(n, decisions)`` array with its unused decisions set to their first alive option."""
+    archs = np.atleast_2d(np.asarray(archs, dtype=np.int64)).copy()
+    if not any(d.gate is not None for d in found):
+        return archs
+    options = options if options is not None else [d.alive for d in found]
+    first = np.array([int(opts[0]) if opts else 0 for opts in options], dtype=np.int64)
+    used = used_mask(found, archs)
+    return np.where(used, archs, first[None, :])
+
+
+def canonical_arch(found: list[Decision], arch: list[int], options: list[list[int]] | None = None) -> list[int]:
+    """``arch`` with every unused decision set to its first alive option (the same network, one spelling)."""
+    return canonical_archs(found, [arch], options)[0].tolist()
 
 
 def _require(model: nn.Module) -> list[Decision]:
@@ -141,16 +199,42 @@ def set_alive(model: nn.Module, decision: int, index: int, alive: bool) -> None:
 
 
 def space_size(model: nn.Module) -> int:
-    """Number of architectures left in the (alive) space."""
-    return math.prod(len(options) for options in alive_options(model))
+    """Number of distinct networks left in the (alive) space.
+
+    Ops on input edges count only for the input combinations that choose them: an input decision contributes
+    ``Σ_alive combinations Π_chosen edges (alive ops)`` instead of its number of combinations.
+    """
+    found = _require(model)
+    gated: dict[int, dict[int, list[int]]] = {}  # input decision -> input position -> gated decisions
+    for d_idx, d in enumerate(found):
+        if d.gate is not None:
+            gated.setdefault(d.gate[0], {}).setdefault(d.gate[1], []).append(d_idx)
+    size = 1
+    for d_idx, d in enumerate(found):
+        if d.gate is not None:
+            continue  # counted with its input decision
+        if d_idx not in gated:
+            size *= len(d.alive)
+            continue
+        edges = gated[d_idx]
+        size *= sum(
+            math.prod(len(found[e].alive) for pos in d.combinations[c] for e in edges.get(pos, []))
+            for c in d.alive
+        )
+    return size
 
 
 def arch_to_json(model: nn.Module, arch: list[int] | None = None, **extra: Any) -> dict[str, Any]:
-    """Encode ``arch`` (default: the active one) with its op names; ``extra`` keys are added (scores, FLOPs, ...)."""
+    """Encode ``arch`` (default: the active one) with its op names; ``extra`` keys are added (scores, FLOPs, ...).
+
+    A space with a ``describe_arch(arch) -> dict`` method adds its own fields (the DARTS space: ``"genotype"``).
+    """
     arch = get_arch(model) if arch is None else [int(i) for i in arch]
     found = check_arch(model, arch, allow_dead=True)
     ops = {d.key: d.names[i] for d, i in zip(found, arch)}
-    return {"arch": arch, "ops": ops, **extra}
+    describe = getattr(model, "describe_arch", None)  # a space's own form, e.g. the DARTS genotype
+    described = describe(arch) if callable(describe) else {}
+    return {"arch": arch, "ops": ops, **described, **extra}
 
 
 def arch_from_json(model: nn.Module, data: dict[str, Any] | str | Path, allow_dead: bool = True) -> list[int]:
@@ -159,7 +243,9 @@ def arch_from_json(model: nn.Module, data: dict[str, Any] | str | Path, allow_de
     ``arch.json`` files written by ``EvolutionSearch`` keep the best architecture under ``"best"``; that entry is used.
 
     Raises:
-        ValueError: when the architecture does not fit the space (unknown decision, unknown op, wrong length).
+        ValueError: when the architecture does not fit the space (unknown decision, unknown op, wrong length), or
+            when the file gives both ``arch`` indices and ``ops`` names and they disagree (naming the decision and
+            both values; neither silently wins).
     """
     if isinstance(data, (str, Path)):
         data = json.loads(Path(data).read_text())
@@ -180,8 +266,32 @@ def arch_from_json(model: nn.Module, data: dict[str, Any] | str | Path, allow_de
         if ops[d.key] not in d.names:
             raise ValueError(f"op {ops[d.key]!r} is not a candidate of decision {d.key!r}; allowed: {d.names}")
         arch.append(d.names.index(ops[d.key]))
+    given = data.get("arch")
+    if given is not None:
+        if not isinstance(given, (list, tuple)) or len(given) != len(arch):
+            raise ValueError(
+                f"architecture JSON 'arch' must be a list of {len(arch)} indices (one per decision), got {given!r}"
+            )
+        for d, index, name_index in zip(found, given, arch):
+            if int(index) != name_index:
+                named = d.names[int(index)] if 0 <= int(index) < len(d.names) else "out of range"
+                raise ValueError(
+                    f"architecture JSON disagrees on decision {d.key!r}: 'arch' gives index {int(index)} "
+                    f"({named!r}) but 'ops' gives {ops[d.key]!r} (index {name_index}); fix one of them"
+                )
     check_arch(model, arch, allow_dead)
     return arch
+
+
+class UnusedEdge(nn.Module):
+    """Stands in an exported subnet for an op on an input that the architecture does not choose (never runs)."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"the op {self.label!r} is on an input the architecture does not choose; it cannot run")
 
 
 def export_subnet(model: nn.Module, arch: list[int] | None = None, inherit_weights: bool = True) -> nn.Module:
@@ -198,6 +308,8 @@ def export_subnet(model: nn.Module, arch: list[int] | None = None, inherit_weigh
     arch = get_arch(model) if arch is None else [int(i) for i in arch]
     found = check_arch(model, arch, allow_dead=True)
     index = {id(layer): int(i) for d, i in zip(found, arch) for layer in d.layers}
+    in_use = used_mask(found, [arch])[0]
+    unused_layers = {id(layer) for d, u in zip(found, in_use) if not u for layer in d.layers}
     used: set[int] = set()
     stack = [model]
     while stack:  # the modules reachable along the chosen path (a module shared with the path is used)
@@ -206,7 +318,8 @@ def export_subnet(model: nn.Module, arch: list[int] | None = None, inherit_weigh
             continue
         used.add(id(module))
         if isinstance(module, Choice):
-            stack.append(module.candidates[index[id(module)]])
+            if id(module) not in unused_layers:
+                stack.append(module.candidates[index[id(module)]])
         else:
             stack.extend(module.children())
     memo: dict[int, Any] = {
@@ -218,9 +331,12 @@ def export_subnet(model: nn.Module, arch: list[int] | None = None, inherit_weigh
     }
     subnet = copy.deepcopy(model, memo)
     copied_index = {id(memo[i]): k for i, k in index.items() if i in memo}
+    copied_unused = {id(memo[i]) for i in unused_layers if i in memo}
 
     def chosen(module: nn.Module) -> nn.Module:
         while isinstance(module, Choice):
+            if id(module) in copied_unused:
+                return UnusedEdge(module.label)
             module = module.candidates[copied_index[id(module)]]
         return module
 

@@ -7,10 +7,16 @@ and never deletes parameters under DDP) and the index of the active candidate, w
 Several ``Choice`` layers may share one decision through a common ``key`` (the NAS-Bench-201 supernet repeats
 one cell architecture in every cell); an architecture is one candidate index per decision, see
 :mod:`lightning_nd.nas.arch`.
+
+:class:`InputChoice` is a ``Choice`` whose candidates are the ``C(n, k)`` ways to pick ``k`` of ``n`` inputs (DARTS:
+2 of a node's predecessors), so it is a decision like any other: one index, an ``alive`` mask over combinations,
+sampled, pruned, mutated and exported by the same code. A ``Choice`` that sits on one input edge is *gated* by it
+(``gate = (input_choice_key, input_position)``): it runs, costs and counts only when that input is chosen.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,6 +72,7 @@ class Choice(nn.Module):
         self.label: str = key or "<unnamed Choice>"  # set to the module path by list_choices
         self.register_buffer("alive", torch.ones(len(modules), dtype=torch.bool), persistent=True)
         self.active: int | None = None
+        self.gate: tuple[str, int] | None = None  # (InputChoice key, input position): used only if that input is chosen
         self._shapes_checked = False
 
     def __len__(self) -> int:
@@ -101,6 +108,68 @@ class Choice(nn.Module):
         if len(set(shapes.values())) > 1:
             raise ValueError(f"candidates of Choice {self.label!r} give different output shapes: {shapes}")
         self._shapes_checked = True
+
+
+class PickInputs(nn.Module):
+    """One candidate of an :class:`InputChoice`: returns the chosen inputs of a sequence, in order (no weights)."""
+
+    angle_kind = "none"
+
+    def __init__(self, chosen: Sequence[int]) -> None:
+        super().__init__()
+        self.chosen: tuple[int, ...] = tuple(int(i) for i in chosen)
+
+    def forward(self, inputs: Sequence[Any]) -> list[Any]:
+        return [inputs[i] for i in self.chosen]
+
+    def extra_repr(self) -> str:
+        return f"chosen={self.chosen}"
+
+
+class InputChoice(Choice):
+    """Pick ``n_chosen`` distinct inputs out of ``n_candidates``: one decision over the ``C(n, k)`` combinations.
+
+    The candidates are :class:`PickInputs` modules named ``"0+1"``, ``"0+2"``, ... (sorted input positions, in
+    ``itertools.combinations`` order); ``forward(inputs)`` returns the list of chosen inputs. Ops on the input edges
+    are ordinary :class:`Choice` layers whose ``gate`` names this layer's key and their input position.
+
+    Args:
+        n_candidates: number of candidate inputs (``>= n_chosen``).
+        n_chosen: how many distinct inputs are picked.
+        key: decision key (layers with the same key pick the same inputs; needed to gate edge ops).
+
+    Raises:
+        ValueError: for ``n_chosen < 1`` or ``n_chosen > n_candidates``.
+
+    Example::
+
+        pick = InputChoice(4, n_chosen=2, key="node3.inputs")
+        pick.active = pick.names.index("0+2")
+        h0, h2 = pick([s0, s1, s2, s3])
+    """
+
+    def __init__(self, n_candidates: int, n_chosen: int = 2, key: str | None = None) -> None:
+        n_candidates, n_chosen = int(n_candidates), int(n_chosen)
+        if not 1 <= n_chosen <= n_candidates:
+            raise ValueError(
+                f"InputChoice(key={key!r}) picks n_chosen={n_chosen} of n_candidates={n_candidates} inputs; "
+                "need 1 <= n_chosen <= n_candidates"
+            )
+        combos = list(itertools.combinations(range(n_candidates), n_chosen))
+        super().__init__([PickInputs(c) for c in combos], key=key, names=["+".join(map(str, c)) for c in combos])
+        self.n_candidates, self.n_chosen = n_candidates, n_chosen
+        self.combinations: list[tuple[int, ...]] = combos
+        self._shapes_checked = True  # candidates return lists of inputs, not one tensor
+
+    @property
+    def chosen(self) -> tuple[int, ...]:
+        """Input positions picked by the active combination."""
+        if self.active is None:
+            raise RuntimeError(f"InputChoice {self.label!r} has no active candidate: set an architecture first")
+        return self.combinations[self.active]
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, {self.n_chosen} of {self.n_candidates} inputs, active={self.active}"
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -60,6 +60,9 @@ class Evolution:
             constrained space may have fewer feasible, unseen architectures than the population).
         tie_decimals: scores are ranked rounded to this many decimals (``None``: exact); see the module doc.
         tiebreak: ``tiebreak(arch) -> float`` ordering equal rounded scores (higher first), before the encoding.
+        canonical: ``canonical(arch) -> arch`` applied to every draw, mutation and crossover child before the
+            duplicate check (input-choice spaces: ``lambda a: canonical_arch(decisions(net), a)``, so children that
+            differ only in ops on unchosen inputs count as the same network).
 
     Raises:
         ValueError: for an empty space or decision, non-positive sizes, ``mutation_prob`` outside [0, 1], or
@@ -89,6 +92,7 @@ class Evolution:
         max_random_tries: int = 10_000,
         tie_decimals: int | None = 6,
         tiebreak: Callable[[Arch], float] | None = None,
+        canonical: Callable[[Arch], Arch] | None = None,
     ) -> None:
         self.options = [[int(i) for i in opts] for opts in options]
         if not self.options or any(not opts for opts in self.options):
@@ -109,6 +113,7 @@ class Evolution:
         self.mutations, self.crossovers, self.mutation_prob = int(mutations), int(crossovers), float(mutation_prob)
         self.seed, self.max_random_tries = int(seed), int(max_random_tries)
         self.tie_decimals, self.tiebreak = tie_decimals, tiebreak
+        self.canonical = canonical
         self._tiebreaks: dict[tuple[int, ...], float] = {}
         self.generation = 0  # completed generations
         self.records: list[tuple[Arch, float]] = []  # every evaluated architecture and its score, in order
@@ -276,6 +281,8 @@ class Evolution:
         while len(chosen) < target and tries > 0:
             tries -= 1
             arch = draw()
+            if self.canonical is not None:  # one spelling per network: duplicates differing in unused genes skipped
+                arch = [int(i) for i in self.canonical(list(arch))]
             key = tuple(arch)
             if key in taken or (self.constraint is not None and not self.constraint(list(arch))):
                 continue

@@ -7,8 +7,9 @@ except that NB201 also adds the classifier bias (``num_classes`` MACs, 1e-5 M on
 
 :class:`ArchCost` makes the cost of any path cheap: one forward records the input of every ``Choice``, each
 candidate is then counted once on that input, and a path's cost is ``fixed + Σ table[decision][op]``
-(vectorised over many paths by :meth:`ArchCost.flops_many`). This is exact whenever a ``Choice``'s input shape does
-not depend on the other decisions (true for every space here, since candidates must agree on output shapes);
+(vectorised over many paths by :meth:`ArchCost.flops_many`). Ops gated by an input choice (an op on an input edge, DARTS) count
+only when that input is chosen: the table is multiplied by :func:`~lightning_nd.nas.arch.used_mask`. This is exact
+whenever a ``Choice``'s input shape does not depend on the other decisions (true for every space here, since candidates must agree on output shapes);
 ``exact=True`` counts each exported subnet instead (cached). :class:`CostConstraint` turns ranges into a predicate
 for :class:`~lightning_nd.nas.sampler.PathSampler`, the pruner and the evolutionary search.
 """
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_nd.nas.arch import decisions, export_subnet, list_choices, set_arch
+from lightning_nd.nas.arch import decisions, export_subnet, list_choices, set_arch, used_mask
 from lightning_nd.nas.choice import Choice
 
 
@@ -99,6 +100,7 @@ class ArchCost:
         if not self.decisions:
             raise ValueError(f"{type(model).__name__} has no Choice layers: ArchCost needs a supernet")
         self._cache: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._gated = False
         nested = any(isinstance(m, Choice) for c in list_choices(model) for m in c.candidates.modules())
         self.exact = exact or nested
         if not self.exact:
@@ -111,12 +113,25 @@ class ArchCost:
         set_arch(model, arch0, allow_dead=True)
         inputs: dict[int, tuple] = {}
         hooks = [
-            c.register_forward_pre_hook(lambda mod, args, kwargs, i=i: inputs.__setitem__(i, (args, kwargs)), with_kwargs=True)
+            c.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: inputs.setdefault(i, (args, kwargs)), with_kwargs=True
+            )
             for i, c in enumerate(list_choices(model))
         ]
+        self._gated = any(d.gate is not None for d in self.decisions)
         try:
             with _quiet_choices(model):
                 total = _macs(model, _input(model, self.input_shape))
+                # ops on inputs that arch0 does not choose saw no input: cycle the input choices until every
+                # Choice has run once (each input is in some combination)
+                rounds = max((len(d.names) for d in self.decisions if d.combinations), default=0)
+                for r in range(rounds if self._gated else 0):
+                    if len(inputs) == len(hooks):
+                        break
+                    arch_r = [r % len(d.names) if d.combinations else a for d, a in zip(self.decisions, arch0)]
+                    set_arch(model, arch_r, allow_dead=True)
+                    with torch.no_grad():
+                        model(_input(model, self.input_shape))
                 layer_macs = {
                     i: [_macs(op, *inputs[i][0], **inputs[i][1]) if i in inputs else 0 for op in c.candidates]
                     for i, c in enumerate(list_choices(model))
@@ -131,11 +146,12 @@ class ArchCost:
         self.params_table = [np.zeros(len(d.names)) for d in self.decisions]
         chosen = 0
         candidate_ids: set[int] = set()
+        used0 = used_mask(self.decisions, [arch0])[0]
         for d_idx, d in enumerate(self.decisions):
             for layer in d.layers:
                 macs = layer_macs[index[id(layer)]]
                 self.flops_table[d_idx] += np.asarray(macs, dtype=np.float64)
-                chosen += macs[arch0[d_idx]]
+                chosen += macs[arch0[d_idx]] if used0[d_idx] else 0
                 for o, op in enumerate(layer.candidates):
                     ids = _param_ids(op)
                     candidate_ids.update(ids)
@@ -157,12 +173,16 @@ class ArchCost:
         """MACs of the path ``arch``."""
         if self.exact:
             return float(self._exact(arch)[0])
+        if self._gated:
+            return float(self.flops_many(np.asarray([arch]))[0])
         return float(self.fixed_flops + sum(t[int(i)] for t, i in zip(self.flops_table, arch)))
 
     def params(self, arch: Sequence[int]) -> int:
         """Parameters of the standalone subnet of ``arch``."""
         if self.exact:
             return self._exact(arch)[1]
+        if self._gated:
+            return int(round(float(self.params_many(np.asarray([arch]))[0])))
         return int(round(self.fixed_params + sum(t[int(i)] for t, i in zip(self.params_table, arch))))
 
     def flops_many(self, archs: np.ndarray) -> np.ndarray:
@@ -170,14 +190,20 @@ class ArchCost:
         archs = np.asarray(archs, dtype=np.int64)
         if self.exact:
             return np.array([self.flops(a) for a in archs], dtype=np.float64)
-        return self.fixed_flops + self._flat_flops[archs + self._offsets].sum(axis=1)
+        return self.fixed_flops + self._table_sum(self._flat_flops, archs)
 
     def params_many(self, archs: np.ndarray) -> np.ndarray:
         """Parameter counts of every row of an ``(n, decisions)`` array of paths (vectorised)."""
         archs = np.asarray(archs, dtype=np.int64)
         if self.exact:
             return np.array([self.params(a) for a in archs], dtype=np.float64)
-        return self.fixed_params + self._flat_params[archs + self._offsets].sum(axis=1)
+        return self.fixed_params + self._table_sum(self._flat_params, archs)
+
+    def _table_sum(self, flat: np.ndarray, archs: np.ndarray) -> np.ndarray:
+        values = flat[archs + self._offsets]
+        if self._gated:
+            values = values * used_mask(self.decisions, archs)
+        return values.sum(axis=1)
 
 
 def _range(name: str, value: Sequence[float | None] | None) -> tuple[float, float] | None:

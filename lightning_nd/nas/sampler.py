@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nd.nas.arch import Decision, decisions
+from lightning_nd.nas.arch import Decision, canonical_arch, decisions
 
 
 def arch_hash(arch: Sequence[int]) -> int:
@@ -94,6 +94,7 @@ class PathSampler:
         self.model, self.seed, self.constraint = model, int(seed), constraint
         self.flops_bins, self.cost = bins, cost
         self.max_tries, self.on_failure = int(max_tries), on_failure
+        self._gated = any(d.gate is not None for d in self._decisions)
         self._warned = False
         self._masks: list[tuple[torch.Tensor, int]] = []
         self._options: list[list[int]] = []
@@ -114,8 +115,16 @@ class PathSampler:
         return [list(o) for o in self._options]
 
     def random_arch(self, rng: np.random.Generator, options: Sequence[Sequence[int]] | None = None) -> list[int]:
-        """One unconstrained uniform path."""
-        return uniform_archs(rng, options or self.options(), 1)[0].tolist()
+        """One unconstrained uniform path.
+
+        Every decision is drawn uniformly from its alive options; with input choices this is uniform over the alive
+        input combinations and, on each chosen edge, over its alive ops. Unused decisions (ops on inputs that are not
+        chosen) are then set to their first alive op (:func:`~lightning_nd.nas.arch.canonical_arch`), so each network
+        has one spelling.
+        """
+        options = options or self.options()
+        arch = uniform_archs(rng, options, 1)[0].tolist()
+        return canonical_arch(self._decisions, arch, options) if self._gated else arch
 
     def sample(self, step: int, salt: int = 0) -> list[int]:
         """The path of optimizer step ``step`` (identical on every rank and across resumes).

@@ -208,7 +208,7 @@ def test_presets_pick_the_official_weights():
     assert "stem.1.weight" in nb and "classifier.bias" in nb
     assert not any(".edges." in n and not n.endswith(".1.weight") for n in nb)  # cell ops: conv weights only
     with pytest.raises(ValueError, match="unknown angle preset"):
-        angle_vector("rlnas_darts")
+        angle_vector("no_such_preset")
 
 
 def test_degenerate_cells_rank_last():

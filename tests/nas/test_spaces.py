@@ -84,10 +84,10 @@ def test_mobilenet_abs_space():
 
 
 def test_registry():
-    assert {"nb201", "shufflenet", "mobilenet"} <= set(list_spaces())
+    assert {"nb201", "shufflenet", "mobilenet", "darts"} <= set(list_spaces())
     register_space("tiny_nb201", lambda **kw: build_space("nb201", C=4, N=1, **kw), overwrite=True)
     assert len(decisions(build_space("tiny_nb201"))) == 6
     with pytest.raises(ValueError, match="already registered"):
         register_space("nb201", lambda: None)
     with pytest.raises(ValueError, match="unknown search space"):
-        build_space("darts")
+        build_space("no_such_space")

@@ -1,4 +1,4 @@
-"""Search spaces built by name: ``build_space("nb201" | "shufflenet" | "mobilenet", **kw)``.
+"""Search spaces built by name: ``build_space("nb201" | "shufflenet" | "mobilenet" | "darts", **kw)``.
 
 Every space accepts ``num_classes``, ``in_chans`` and ``input_size``; register your own with
 :func:`register_space` so configs can name it (``SupernetModule(supernet="myspace")``).
@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_nd.nas.spaces.darts import DartsSupernet
 from lightning_nd.nas.spaces.mobilenet import MOBILENET_OPS, MobileNetSupernet
 from lightning_nd.nas.spaces.nb201 import NB201_OPS, NB201Supernet, arch_to_str, str_to_arch
 from lightning_nd.nas.spaces.shufflenet import SHUFFLENET_OPS, ShuffleNetSupernet
@@ -20,6 +21,7 @@ _SPACES: dict[str, Callable[..., nn.Module]] = {
     "nb201": NB201Supernet,
     "shufflenet": ShuffleNetSupernet,
     "mobilenet": MobileNetSupernet,
+    "darts": DartsSupernet,
 }
 
 
@@ -62,6 +64,7 @@ def build_space(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
+    "DartsSupernet",
     "MOBILENET_OPS",
     "NB201_OPS",
     "SHUFFLENET_OPS",
