@@ -40,6 +40,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_nd.callbacks.angle_tracker import AngleTracker, supernet_of
@@ -137,7 +138,9 @@ class EvolutionSearch(Callback):
             (the ``AngleTracker``'s reference weights are then read from the checkpoint's callback states).
         dirpath: output folder (default: the run directory).
         filename: name of the architecture file.
-        resume: continue a saved search state of the same supernet and settings.
+        resume: continue a saved search state of the same supernet weights and search settings (metric and its
+            settings, EA settings and seed, cost ranges, space; see :meth:`search_key`); a state saved with other
+            settings is not reused: the search starts afresh with a warning naming what differs.
         benchmark_dataset: NAS-Bench-201 dataset reported for ``nb201`` spaces (the others are in ``arch.json``).
         cache_data: keep the fixed calibration / validation batches in memory (fast for small data); ``False``
             re-reads the same batches for every candidate (ImageNet-sized data).
@@ -145,9 +148,12 @@ class EvolutionSearch(Callback):
     Raises:
         MisconfigurationException: for an unknown metric or ``run_on``, a bad EA setting, ``calib_batches < 0``,
             ``naswot_version`` not 1 or 2, or at setup for ``"angle"`` without an ``AngleTracker``, ``"accuracy"``
-            on a module without ``evaluate_arch`` or a metric that needs data without a datamodule.
+            on a module without ``evaluate_arch`` or a metric that needs data without a datamodule; at fit start
+            under DDP without ``find_unused_parameters`` (a supernet trains one path per step).
         ValueError: at setup for a model without ``Choice`` layers; from ``Evolution`` when no architecture fits
             the constraints.
+        RuntimeError: when ``"naswot"`` gives every distinct candidate of the first generation the same score (no
+            ReLU in the candidate ops: the pick would be a tie-break).
 
     Example::
 
@@ -237,6 +243,21 @@ class EvolutionSearch(Callback):
             raise MisconfigurationException(f"EvolutionSearch(metric={self.metric!r}) needs a datamodule")
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A supernet trains one path per step: the other candidates get no gradient, which plain DDP rejects only
+        # after the first step with a generic message (after spawning, for ddp_spawn). Say what to use now.
+        model = trainer.strategy.model
+        if (isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
+                and trainer.max_epochs != 0 and trainer.max_steps != 0):
+            raise MisconfigurationException(
+                f"EvolutionSearch: {type(pl_module).__name__} is a supernet trained one path per step, so the "
+                "unsampled candidates get no gradient and DDP without find_unused_parameters fails. Use "
+                "strategy='ddp_find_unused_parameters_true' or 'ddp_spawn_find_unused_parameters_true' (or "
+                "DDPStrategy(find_unused_parameters=True)). After a ddp_spawn fit, read the result from arch.json: "
+                "the callbacks of the launching process are not updated."
+            )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run_on == "fit_end":
             self.search(trainer, pl_module)
@@ -259,6 +280,11 @@ class EvolutionSearch(Callback):
         folder = Path(self.dirpath) if self.dirpath is not None else run_dir(trainer)
         shape = self._shape(trainer, net)
         cost = ArchCost(net, shape) if shape is not None else None
+        if cost is None:
+            rank_zero_warn(
+                f"EvolutionSearch: no input shape is known (the datamodule has no input_shape and the network no "
+                f"input_size/in_chans), so {self.filename} gets flops and params null; pass input_shape=(C, H, W)"
+            )
         constraint = None
         if self.flops_range is not None or self.params_range is not None:
             if cost is None:
@@ -270,7 +296,8 @@ class EvolutionSearch(Callback):
             settings["generations"] = 1
         evolution = Evolution(alive_options(net), constraint=constraint, **settings)
         fingerprint = self._fingerprint(net)
-        self._restore(trainer, evolution, folder, fingerprint)
+        key = self.search_key(trainer, net, shape, settings)
+        self._restore(trainer, evolution, folder, fingerprint, key)
         self.evolution = evolution
         state_file = folder / "evolution_state.pt"
         bar = progress(
@@ -283,8 +310,11 @@ class EvolutionSearch(Callback):
                 candidates = evolution.ask()
                 if not candidates:
                     break
-                evolution.tell(candidates, self._split_scores(trainer, candidates, score_many))
-                self._saved_state = {"fingerprint": fingerprint, "evolution": evolution.state_dict()}
+                scores = self._split_scores(trainer, candidates, score_many)
+                if evolution.generation == 0:
+                    self._check_spread(candidates, scores)
+                evolution.tell(candidates, scores)
+                self._saved_state = {"fingerprint": fingerprint, "key": key, "evolution": evolution.state_dict()}
                 if trainer.is_global_zero:
                     atomic_save(self._saved_state, state_file)
                 last = evolution.history[-1]
@@ -314,6 +344,26 @@ class EvolutionSearch(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({f"search/nb201_{self.benchmark_dataset}": best["nb201"][self.benchmark_dataset]})
         return result
+
+    def _check_spread(self, candidates: list[list[int]], scores: list[float]) -> None:
+        """Equal scores for every distinct candidate of the first generation: the metric cannot rank this space.
+
+        The search would then pick by the tie rule alone. For NASWOT this means its kernel does not depend on the
+        path (e.g. no ReLU inside the candidate ops): an error. For other metrics, a warning.
+        """
+        distinct = {tuple(a) for a in candidates}
+        if len(distinct) < 2 or len({round(s, 12) if math.isfinite(s) else str(s) for s in scores}) > 1:
+            return
+        message = (
+            f"EvolutionSearch ({self.metric_name}): all {len(distinct)} distinct candidates of the first generation "
+            f"scored {scores[0]!r}; the metric does not tell these paths apart, so the pick would be a tie-break"
+        )
+        if self.metric == "naswot":
+            raise RuntimeError(
+                message + ". NASWOT reads the ReLUs of the path: the candidate ops hold no ReLU (nn.ReLU-family module "
+                "or F.relu / torch.relu call) whose input depends on the choice"
+            )
+        rank_zero_warn(message)
 
     def _split_scores(self, trainer: pl.Trainer, candidates: list[list[int]], score_many: Any) -> list[float]:
         world, rank = trainer.world_size, trainer.global_rank
@@ -413,7 +463,37 @@ class EvolutionSearch(Callback):
         total = sum(float(p.double().sum()) + 1e-3 * float(p.double().abs().sum()) for p in net.parameters())
         return f"{sum(p.numel() for p in net.parameters())}:{total:.10e}"
 
-    def _restore(self, trainer: pl.Trainer, evolution: Evolution, folder: Path, fingerprint: str) -> None:
+    def search_key(
+        self, trainer: pl.Trainer, net: nn.Module, shape: tuple[int, ...] | None, settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything that defines this search besides the weights: a saved state is resumed only when it matches.
+
+        The metric (a callable by its import path), the EA settings and seed, the FLOPs/params ranges and the input
+        shape they are measured on, the space (alive ops), and the metric's own settings (data batches, NASWOT
+        version, batch and weights, the AngleTracker's configuration).
+        """
+        metric = self.metric
+        if not isinstance(metric, str):
+            owner = metric if isinstance(metric, type) or callable(getattr(metric, "__code__", None)) else type(metric)
+            metric = f"{getattr(owner, '__module__', '?')}.{getattr(owner, '__qualname__', self.metric_name)}"
+        key: dict[str, Any] = {
+            "metric": metric, "ea": settings, "flops_range": self.flops_range, "params_range": self.params_range,
+            "input_shape": shape if (self.flops_range or self.params_range) else None,
+            "space": alive_options(net),
+        }
+        if self.metric == "accuracy":
+            key.update(calib_batches=self.calib_batches, val_batches=self.val_batches)
+        if self.metric == "naswot":
+            key.update(naswot_batch_size=self.naswot_batch_size, naswot_version=self.naswot_version,
+                       naswot_weights=self.naswot_weights)
+        if self.metric == "angle":
+            tracker = self._tracker(trainer)
+            key["angle_tracker"] = {name: repr(getattr(tracker, name, None)) for name in ("vector", "weight_free")}
+        return json.loads(json.dumps(key, default=str))  # tuples and lists compare equal, as after a reload
+
+    def _restore(
+        self, trainer: pl.Trainer, evolution: Evolution, folder: Path, fingerprint: str, key: dict[str, Any]
+    ) -> None:
         if not self.resume:
             return
         state = self._saved_state
@@ -424,6 +504,15 @@ class EvolutionSearch(Callback):
             return
         if state.get("fingerprint") != fingerprint:
             rank_zero_warn("EvolutionSearch: the saved search state belongs to other supernet weights; starting anew")
+            return
+        saved_key = state.get("key") or {}
+        if saved_key != key:
+            differ = sorted(k for k in set(saved_key) | set(key) if saved_key.get(k) != key.get(k))
+            rank_zero_warn(
+                f"EvolutionSearch: the saved search state in {folder} was made with other settings "
+                f"({', '.join(f'{k}: {saved_key.get(k)!r} -> {key.get(k)!r}' for k in differ)}); starting anew "
+                f"and overwriting it (resume=False skips this check; another dirpath keeps both)"
+            )
             return
         try:
             evolution.load_state_dict(state["evolution"])

@@ -12,19 +12,28 @@ Mellor et al. score a network at initialisation by how differently it treats the
 
 Both run the network in training mode (batch statistics in BatchNorm, as the official code, which never calls
 ``eval()``) and leave it exactly as it was: mode and BatchNorm running statistics are restored. Score every candidate
-on the same minibatch. Functional ReLUs (``F.relu``) are invisible to v2, as in the official code. Cells that
-disconnect input from output give ``NaN`` (v1) or a degenerate score; rank them last (``nanargmax``).
+on the same minibatch. Cells that disconnect input from output give ``NaN`` (v1) or a degenerate score; rank them
+last (``nanargmax``).
+
+Functional activations. The official code hooks modules only, so a network written with ``torch.relu`` / ``F.relu``
+gets the same kernel for every architecture and the search picks by tie-break. Here v2 also counts the functional
+ReLU family (``F.relu``, ``torch.relu``, ``Tensor.relu``, ``F.relu6``, ``F.leaky_relu``, ``F.rrelu`` and their in-place
+forms) called outside a hooked module, caught with a ``TorchFunctionMode``; a network with ``nn.ReLU`` modules only
+scores exactly as before (the calls inside a hooked module are not counted twice). ``functional=False`` is the
+official module-only rule. A forward in which no ReLU ran raises instead of returning a constant score.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 JACOBIAN_K = 1e-5  # v1's eigenvalue offset
 
@@ -83,6 +92,25 @@ def relu_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if "ReLU" in type(m).__name__]
 
 
+FUNCTIONAL_RELUS = frozenset({
+    F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6, F.leaky_relu,
+    F.leaky_relu_, F.rrelu, F.rrelu_,
+})
+
+
+class _FunctionalReLUs(TorchFunctionMode):
+    """Calls ``on_input(x)`` for every functional ReLU-family call made outside a hooked ReLU module."""
+
+    def __init__(self, on_input: Callable[[torch.Tensor], None], inside_module: list[int]) -> None:
+        super().__init__()
+        self.on_input, self.inside_module = on_input, inside_module
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in FUNCTIONAL_RELUS and not self.inside_module[0] and args and isinstance(args[0], torch.Tensor):
+            self.on_input(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 def _hamming_term(flat: torch.Tensor) -> torch.Tensor:
     """``c c^T + (1 - c)(1 - c)^T`` for the binary codes ``c = flat > 0`` of one module, in float64.
 
@@ -96,23 +124,34 @@ def _hamming_term(flat: torch.Tensor) -> torch.Tensor:
     return 2.0 * agree - active[:, None] - active[None, :] + float(units)
 
 
-def hamming_kernel(model: nn.Module, batch: Any) -> torch.Tensor:
+def hamming_kernel(model: nn.Module, batch: Any, functional: bool = True) -> torch.Tensor:
     """The v2 kernel ``K`` (float64, ``B x B``) of ``model`` on ``batch``: per pair, the ReLU units that agree.
 
+    Args:
+        model: the network.
+        batch: the minibatch (tensor or ``(x, y)``).
+        functional: also count functional ReLUs called outside ReLU modules (see the module docstring);
+            ``False``: modules only, as the official code.
+
     Raises:
-        ValueError: when the model has no ReLU module (nothing to hook) or the batch is unusable.
+        ValueError: when no ReLU ran in the forward (no ReLU module, and no functional ReLU when ``functional``),
+            or the batch is unusable.
     """
     x = _inputs(batch)
     hooked = relu_modules(model)
-    if not hooked:
-        raise ValueError(f"{type(model).__name__} has no ReLU modules: NASWOT v2 has nothing to hook (F.relu is invisible)")
+    if not hooked and not functional:
+        raise ValueError(
+            f"{type(model).__name__} has no ReLU modules: NASWOT v2 with functional=False has nothing to hook"
+        )
     n = x.shape[0]
+    counted = [0]
+    inside_module = [0]
     kernel = torch.zeros(n, n, dtype=torch.float64, device=x.device)
 
     seen: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        inp = args[0].detach()
+    def add(inp: torch.Tensor) -> None:
+        inp = inp.detach()
         # Several ReLUs often read the same tensor (every NB201 edge leaving a node): count each module, as the
         # official code does, but compute a tensor's contribution once. The cache holds the tensor, so its
         # address cannot be reused while the key lives; only the last few tensors are kept.
@@ -122,18 +161,37 @@ def hamming_kernel(model: nn.Module, batch: Any) -> torch.Tensor:
             if len(seen) > 8:
                 seen.popitem(last=False)
         kernel.add_(seen[key][1])
+        counted[0] += 1
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        add(args[0])
+        inside_module[0] += 1  # the module's own F.relu call is not counted a second time
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        inside_module[0] -= 1
 
     handles = []
     try:
         with _Preserve(model), torch.no_grad():
             if _unchecked_choices(model):
                 model(x)  # Choice runs every candidate on its first forward (a shape check): keep it out of K
-            handles = [m.register_forward_pre_hook(hook) for m in hooked]
-            model(x)
+            for m in hooked:
+                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+            if functional:
+                with _FunctionalReLUs(add, inside_module):
+                    model(x)
+            else:
+                model(x)
     finally:
         for handle in handles:
             handle.remove()
         seen.clear()
+    if not counted[0]:
+        raise ValueError(
+            f"no ReLU ran in the forward of {type(model).__name__}: NASWOT v2 reads the binary codes of ReLU inputs "
+            "(nn.ReLU-family modules, or F.relu / torch.relu calls with functional=True); other activations "
+            "(GELU, SiLU, ...) give it nothing to score"
+        )
     return kernel
 
 
@@ -157,7 +215,9 @@ def jacobian_score(jac: torch.Tensor, k: float = JACOBIAN_K) -> float:
     return float(-(torch.log(eig + k) + 1.0 / (eig + k)).sum())
 
 
-def naswot_score(model: nn.Module, batch: Any, version: int = 2, arch: Sequence[int] | None = None) -> float:
+def naswot_score(
+    model: nn.Module, batch: Any, version: int = 2, arch: Sequence[int] | None = None, functional: bool = True
+) -> float:
     """Score an untrained network (or one supernet path) on one minibatch; higher is better.
 
     Args:
@@ -166,13 +226,15 @@ def naswot_score(model: nn.Module, batch: Any, version: int = 2, arch: Sequence[
             The paper uses 128 samples for v2 and 256 for v1.
         version: 2 (Hamming-kernel log-determinant) or 1 (Jacobian correlation).
         arch: for a supernet, the path to score (set with ``set_arch`` first); ``None`` scores the active path.
+        functional: v2 also counts functional ReLUs (``F.relu``, ``torch.relu``, ...) called outside ReLU modules;
+            ``False`` hooks modules only, as the official code (a functional-ReLU network then cannot be scored).
 
     Returns:
         The score as a Python float (``log|det K|`` for v2; ``NaN`` for v1 when the Jacobian is degenerate).
 
     Raises:
-        ValueError: for a version other than 1 or 2, a batch with fewer than 2 samples, or (v2) a model without ReLU
-            modules.
+        ValueError: for a version other than 1 or 2, a batch with fewer than 2 samples, or (v2) a forward in which no
+            ReLU ran.
 
     Example::
 
@@ -187,5 +249,5 @@ def naswot_score(model: nn.Module, batch: Any, version: int = 2, arch: Sequence[
         set_arch(model, list(arch), allow_dead=True)
     if version == 1:
         return jacobian_score(jacobian(model, batch))
-    _, logdet = torch.linalg.slogdet(hamming_kernel(model, batch))
+    _, logdet = torch.linalg.slogdet(hamming_kernel(model, batch, functional))
     return float(logdet)

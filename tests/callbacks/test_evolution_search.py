@@ -351,3 +351,65 @@ def test_ties_are_broken_by_the_encoding_not_by_evaluation_order():
         evolution.tell(order, [noise[tuple(a)] for a in order])
         picks.append([a for a, _ in evolution.top()])
     assert picks[0] == picks[1] == [[0, 1], [1, 0], [2, 2]]
+
+
+def test_a_search_resumed_with_other_settings_never_reuses_the_old_result(tmp_path):
+    folder = str(tmp_path / "run")
+    first = CountingMetric()
+    fit(frozen(accuracy_net()), [EvolutionSearch(metric=first, dirpath=folder, seed=0, **EA)], tmp_path)
+    assert read(tmp_path / "run" / "arch.json")["best"]["arch"] == [2] * DECISIONS
+
+    # the same folder, another metric: the finished "counting" search must not be reported as the accuracy search
+    other = EvolutionSearch(metric="accuracy", dirpath=folder, calib_batches=1, seed=0, **EA)
+    with pytest.warns(UserWarning, match="other settings.*metric"):
+        fit(frozen(accuracy_net()), [other], tmp_path)
+    result = read(tmp_path / "run" / "arch.json")
+    # an accuracy of the toy (> 0.5), not the counting score (<= 0.04) of the finished search
+    assert result["metric"] == "accuracy" and result["best"]["score"] > 0.5
+    assert other.evolution.generation == EA["generations"] and len(other.evolution.records) > 0
+
+    # the same metric under a params limit that excludes the old pick: searched again, the limit holds
+    again = CountingMetric()
+    limit = DECISIONS * WIDTH * WIDTH  # op 2 ("wide") has twice the parameters: excluded
+    with pytest.warns(UserWarning, match="params_range"):
+        fit(frozen(accuracy_net()),
+            [EvolutionSearch(metric=again, dirpath=folder, seed=0, params_range=(None, limit), **EA)], tmp_path)
+    result = read(tmp_path / "run" / "arch.json")
+    assert again.calls > 0 and 2 not in result["best"]["arch"]
+    assert result["settings"]["params_range"] == [None, limit]
+
+    # unchanged settings still resume: nothing is scored again
+    same = CountingMetric()
+    fit(frozen(accuracy_net()),
+        [EvolutionSearch(metric=same, dirpath=folder, seed=0, params_range=[None, limit], **EA)], tmp_path)
+    assert same.calls == 0 and read(tmp_path / "run" / "arch.json")["top_k"] == result["top_k"]
+
+
+class FunctionalReluBranch(nn.Module):
+    """The ``relu`` branch of the NASWOT test written with ``torch.relu`` (a user's own space)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(WIDTH, 16), nn.Linear(16, WIDTH)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_naswot_search_reads_functional_relus_and_stops_when_it_cannot_rank(tmp_path):
+    torch.manual_seed(2)
+    stem = nn.Sequential(nn.Linear(WIDTH, 64), nn.ReLU(), nn.Linear(64, WIDTH))
+    net = BranchNet({"linear": linear(1.0), "relu": FunctionalReluBranch, "zero": linear(0.0)}, stem=stem)
+    search = EvolutionSearch(metric="naswot", naswot_batch_size=12, dirpath=str(tmp_path / "f"), seed=0, **EA)
+    fit(frozen(net), [search], tmp_path)
+    result = read(tmp_path / "f" / "arch.json")
+    assert result["best"]["arch"] == [1] * DECISIONS  # as with nn.ReLU modules: every ReLU branch
+    assert len({e["score"] for e in result["top_k"]}) == EA["top_k"]
+
+    # candidate ops without any ReLU: the kernel is the stem's for every path, equal scores -> a clear error
+    torch.manual_seed(2)
+    flat = BranchNet({"a": linear(1.0), "b": linear(0.5), "c": linear(0.0)}, stem=stem)
+    with pytest.raises(RuntimeError, match="does not tell these paths apart.*ReLU"):
+        fit(frozen(flat), [EvolutionSearch(metric="naswot", naswot_batch_size=12, dirpath=str(tmp_path / "g"),
+                                           seed=0, **EA)], tmp_path)
+    assert not (tmp_path / "g" / "arch.json").exists()

@@ -91,3 +91,66 @@ def test_bad_input():
         naswot_score(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)).double(), batch())
     with pytest.raises(ValueError, match="at least 2"):
         naswot_score(small_cnn(), batch(1))
+
+
+class FunctionalCNN(nn.Module):
+    """``small_cnn`` with its ReLU modules replaced by functional calls (``relu`` picks which one)."""
+
+    def __init__(self, relu, seed=0, width=8):
+        super().__init__()
+        modules = small_cnn(seed, width)
+        self.c1, self.b1, self.c2, self.b2, self.pool, self.head = (modules[i] for i in (0, 1, 3, 4, 6, 8))
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.relu(self.b1(self.c1(x)))
+        x = self.relu(self.b2(self.c2(x)))
+        return self.head(self.pool(x).flatten(1))
+
+
+@pytest.mark.parametrize("relu", [torch.relu, nn.functional.relu, torch.Tensor.relu,
+                                  lambda t: nn.functional.relu(t, inplace=True)],
+                         ids=["torch.relu", "F.relu", "Tensor.relu", "F.relu_inplace"])
+def test_v2_counts_functional_relus_exactly_as_relu_modules(relu):
+    x = batch()
+    modules, functional = small_cnn(), FunctionalCNN(relu)
+    torch.testing.assert_close(hamming_kernel(functional, x), hamming_kernel(modules, x), rtol=0, atol=0)
+    # the official, module-only rule has nothing to hook in the functional network: a clear error, not a constant
+    with pytest.raises(ValueError, match="no ReLU modules"):
+        naswot_score(functional, x, functional=False)
+
+
+def test_v2_does_not_count_a_relu_module_twice():
+    # nn.ReLU calls F.relu inside its forward: with functional counting on, the module is still counted once
+    model, x = small_cnn(), batch()
+    torch.testing.assert_close(hamming_kernel(model, x), hamming_kernel(model, x, functional=False), rtol=0, atol=0)
+
+
+def test_functional_relu_supernet_paths_get_distinct_scores():
+    class Act(nn.Module):  # a candidate op whose activation is functional (a user's own space)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(x))
+
+    torch.manual_seed(0)
+    supernet = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        Choice({"act": Act(), "conv": nn.Conv2d(8, 8, 3, padding=1), "skip": nn.Identity()}),
+        nn.Flatten(), nn.Linear(8 * 64, 4),
+    ).double()
+    x = batch(16)
+    score = naswot_score(supernet, x, arch=[0])
+    set_arch(supernet, [0])
+    assert math.isfinite(score) and score == pytest.approx(naswot_score(export_subnet(supernet, [0]), x), rel=1e-12)
+    # the paths without any ReLU have nothing to score: an error, not equal (tie-broken) scores
+    for arch in ([1], [2]):
+        with pytest.raises(ValueError, match="no ReLU ran"):
+            naswot_score(supernet, x, arch=arch)
+
+
+def test_an_activation_naswot_cannot_read_is_an_error():
+    with pytest.raises(ValueError, match="no ReLU ran.*GELU"):
+        naswot_score(nn.Sequential(nn.Flatten(), nn.Linear(192, 8), nn.GELU(), nn.Linear(8, 2)).double(), batch())
