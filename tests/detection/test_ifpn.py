@@ -49,13 +49,15 @@ def test_drop_in_replacement_in_a_torchvision_backbone():
     assert [v.shape for v in out.values()] == [v.shape for v in ref.values()]
 
 
-def test_parameter_count_is_one_fpn_layer():
-    # the same lateral 1x1 and per-level 3x3 convolutions as torchvision's FPN; the cell's convs carry no bias
-    # (GroupNorm follows) and each level has a GroupNorm (2C): exactly C more parameters per level.
-    fpn = FeaturePyramidNetwork(IN_CHANNELS, 16)
-    ifpn = ImplicitFPN(IN_CHANNELS, 16, num_groups=4)
+def test_parameter_count_is_about_one_fpn():
+    # FPN: laterals + one 3x3 output conv (with bias) per level. i-FPN: the same laterals + one shared 3x3 conv, one
+    # shared stride-2 3x3 "down" conv, one shared 1x1 "up" conv (no biases: GroupNorm follows) + a GroupNorm (2C) per
+    # level in the residual branch (the injection and output norms have no affine parameters)
+    c, levels = 16, len(IN_CHANNELS)
+    fpn = FeaturePyramidNetwork(IN_CHANNELS, c)
+    ifpn = ImplicitFPN(IN_CHANNELS, c, num_groups=4)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(ifpn) == count(fpn) + len(IN_CHANNELS) * 16
+    assert count(ifpn) == count(fpn) - levels * (9 * c * c + c) + 2 * 9 * c * c + c * c + levels * 2 * c
 
 
 def test_solution_is_a_fixed_point_that_mixes_all_levels():
@@ -70,10 +72,68 @@ def test_solution_is_a_fixed_point_that_mixes_all_levels():
         for a, b in zip(fz, z):
             assert (a - b).norm() / b.norm() < 1e-5
         # top-down: the coarsest input reaches the finest output; bottom-up: the finest input reaches the coarsest
-        x_coarse = OrderedDict(x, c5=x["c5"] + 1.0)
-        x_fine = OrderedDict(x, c3=x["c3"] + 1.0)
+        x_coarse = OrderedDict(x, c5=x["c5"] + torch.randn_like(x["c5"]))
+        x_fine = OrderedDict(x, c3=x["c3"] + torch.randn_like(x["c3"]))
         assert (fpn(x_coarse)["c3"] - out["c3"]).abs().max() > 1e-2
         assert (fpn(x_fine)["c5"] - out["c5"]).abs().max() > 1e-2
+        # ... which one application of the cell cannot do: it only exchanges between adjacent levels, so the
+        # equilibrium is what fuses the whole pyramid
+        fpn.deq.mode, fpn.deq.config.unroll_layers = "unrolled", 1
+        one = fpn(x)
+        assert torch.equal(fpn(x_coarse)["c3"], one["c3"]) and torch.equal(fpn(x_fine)["c5"], one["c5"])
+        assert not torch.equal(fpn(x_coarse)["c4"], one["c4"])
+
+
+def _old_cell(z, x, convs, norms):
+    """The pre-issue-22 cell, kept here as the negative control: GN(conv(relu(z + x))) per level."""
+    return tuple(n(c(torch.relu(zl + xl))) for zl, xl, c, n in zip(z, x, convs, norms))
+
+
+def test_cell_is_not_scale_invariant_in_its_state():
+    # issue 22: with GN(conv(relu(z + x))) a growing injection drowns the state out (the recurrence switches itself
+    # off). The cell normalises its injection and carries the state on an identity path, so however the injection
+    # is scaled, the output still depends on the state as much as at scale 1.
+    torch.manual_seed(0)
+    levels, c = 3, 16
+    cell = ImplicitFPN(IN_CHANNELS, c, num_groups=4).cell
+    x = tuple(torch.randn(2, c, s, s) for s in (12, 6, 3))
+    z1 = tuple(torch.randn_like(t) for t in x)
+    z2 = tuple(torch.randn_like(t) for t in x)
+    convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, bias=False) for _ in range(levels))
+    norms = nn.ModuleList(nn.GroupNorm(4, c) for _ in range(levels))
+
+    def state_effect(f, scale):
+        xs = tuple(scale * t for t in x)
+        a, b = torch.cat([t.flatten() for t in f(z1, xs)]), torch.cat([t.flatten() for t in f(z2, xs)])
+        return float((a - b).norm() / a.norm())
+
+    with torch.no_grad():
+        new = [state_effect(cell, s) for s in (1.0, 1e2, 1e4)]
+        old = [state_effect(lambda z, x: _old_cell(z, x, convs, norms), s) for s in (1.0, 1e2, 1e4)]
+    assert new[0] > 0.3 and min(new[1:]) > 0.9 * new[0]
+    assert old[0] > 0.3 and old[2] < 1e-3 * old[0]  # the control: the old cell forgets its state
+
+
+def test_every_level_given_to_the_implicit_fpn_is_inside_the_equilibrium():
+    # issue 22: P6/P7 used to be explicit convs on the equilibrium's output; now every level the detector gets
+    # (inputs and extra levels) is part of the state and a fixed point of the cell
+    fpn = ImplicitFPN(IN_CHANNELS, 16, extra_blocks=LastLevelP6P7(16, 16), num_groups=4, f_tol=1e-6,
+                      f_max_iter=100).eval()
+    assert fpn.cell.num_levels == len(IN_CHANNELS) + 2 == fpn.num_extra_levels + len(IN_CHANNELS)
+    x = _features()
+    with torch.no_grad():
+        out = fpn(x)
+        assert list(out) == ["c3", "c4", "c5", "p6", "p7"]
+        b = fpn.injection(x)
+        assert len(b) == 5
+        for name, a, fa in zip(out, out.values(), fpn.cell(tuple(out.values()), b)):
+            assert (fa - a).norm() / a.norm() < 1e-5, name
+        # the extra levels are coupled to the rest: changing the finest input moves p7 (four levels away)
+        assert (fpn(OrderedDict(x, c3=x["c3"] + torch.randn_like(x["c3"])))["p7"] - out["p7"]).abs().max() > 1e-2
+    # the control (extra levels outside, as torchvision's FPN): p6/p7 are not part of the state
+    outside = ImplicitFPN(IN_CHANNELS, 16, extra_blocks=LastLevelP6P7(16, 16), num_groups=4, extra_inside=False)
+    assert outside.cell.num_levels == len(IN_CHANNELS) and len(outside.injection(x)) == 3
+    assert list(outside(x)) == ["c3", "c4", "c5", "p6", "p7"]
 
 
 def test_bad_arguments():
@@ -85,6 +145,8 @@ def test_bad_arguments():
         ImplicitFPN(IN_CHANNELS, 16, f_maxiter=3)
     with pytest.raises(ValueError, match="extra_blocks"):
         ImplicitFPN(IN_CHANNELS, 16, extra_blocks=nn.Identity())
+    with pytest.raises(ValueError, match="extra_inside"):
+        ImplicitFPN(IN_CHANNELS, 16, num_groups=4, extra_inside="yes")
     fpn = ImplicitFPN(IN_CHANNELS, 16, num_groups=4)
     with pytest.raises(ValueError, match="built for 3 levels"):
         fpn(OrderedDict(list(_features().items())[:2]))
