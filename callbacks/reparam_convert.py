@@ -20,7 +20,9 @@ calls it before loading the weights)::
             ReparamConvert.restore(self, checkpoint)
 
 Build the optimizer in ``configure_optimizers`` from ``self.parameters()`` (as every lightning_nd module does), not in
-``__init__``, so it sees the new parameters. Pair with :class:`~lightning_nd.callbacks.ReparamFuse` to write the fused
+``__init__``, so it sees the new parameters: an optimizer that still holds the replaced tensors gets a warning at
+``on_fit_start``, and a module without that ``on_load_checkpoint`` hook gets one at ``setup``. Pair with
+:class:`~lightning_nd.callbacks.ReparamFuse` to write the fused
 deploy model at the end of fit.
 """
 
@@ -188,6 +190,7 @@ class ReparamConvert(Callback):
         self.converted = 0
         self.network_attr: str | None = None if attr == AUTO else attr  # the attribute actually used
         self._hook: Any = None
+        self._replaced: dict[int, str] = {}  # id -> name of the parameters the blocks replaced
 
     def convert(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> int:
         """Convert the module's network now (idempotent); returns the number of new blocks.
@@ -208,10 +211,14 @@ class ReparamConvert(Callback):
         if getattr(net, CONVERTED_MARK, None) is not None:
             return 0
         before = sum(isinstance(m, ReparamBlock) for m in net.modules())
+        old_params = {id(p): name for name, p in net.named_parameters()}
         report = convert_model_with_report(
             net, self.block, self.preserve, example_input(trainer, pl_module), **self.block_kwargs
         )
         object.__setattr__(net, CONVERTED_MARK, self.block)
+        kept = {id(p) for p in net.parameters()}
+        prefix = f"{self.network_attr}." if self.network_attr else ""
+        self._replaced = {k: prefix + name for k, name in old_params.items() if k not in kept}
         self.converted = sum(isinstance(m, ReparamBlock) for m in net.modules()) - before
         params = sum(p.numel() for p in net.parameters())
         rank_zero_info(f"ReparamConvert: {report.summary()} (preserve={self.preserve}); {params:,} parameters")
@@ -236,15 +243,41 @@ class ReparamConvert(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.convert(pl_module, trainer) and stage == "fit" and in_spawned_worker(trainer):
+        converted_now = self.convert(pl_module, trainer)
+        if converted_now and stage == "fit" and in_spawned_worker(trainer):
             rank_zero_warn(
                 "ReparamConvert: converting inside a worker process (ddp_spawn, ddp_fork, ddp_notebook): the main "
                 "process's model stays unconverted and will NOT receive the trained weights (Lightning loads them with "
                 "strict=False). Call ReparamConvert(...).convert(model) before trainer.fit, or use the checkpoint / "
                 "ReparamFuse's deploy file."
             )
+        if converted_now and type(pl_module).on_load_checkpoint is pl.LightningModule.on_load_checkpoint:
+            name = type(pl_module).__name__
+            rank_zero_warn(
+                f"ReparamConvert: {name} has no on_load_checkpoint hook, so {name}.load_from_checkpoint(...) outside a "
+                f"Trainer cannot rebuild the converted network (missing/unexpected keys); add `def on_load_checkpoint("
+                "self, checkpoint): ReparamConvert.restore(self, checkpoint)`"
+            )
         if self._hook is None:  # Lightning loads checkpoint weights before callback state: check the keys as they load
             self._hook = pl_module.register_load_state_dict_pre_hook(self._check_checkpoint_keys)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the optimizers exist now (strategy.setup ran): one built before the conversion holds the replaced tensors
+        current = {id(p) for p in pl_module.parameters()}
+        for index, optimizer in enumerate(trainer.optimizers):
+            held = [p for group in optimizer.param_groups for p in group["params"]]
+            held_ids = {id(p) for p in held}
+            stale = [self._replaced[id(p)] for p in held if id(p) in self._replaced and id(p) not in current]
+            if not stale:
+                continue
+            untrained = sum(1 for p in pl_module.parameters() if p.requires_grad and id(p) not in held_ids)
+            rank_zero_warn(
+                f"ReparamConvert: optimizer {index} ({type(optimizer).__name__}) holds {len(stale)} parameters that the "
+                f"conversion replaced (e.g. {', '.join(stale[:3])}) and misses {untrained} of the module's trainable "
+                "parameters, so the converted layers would not train; build the optimizer in configure_optimizers "
+                "from self.parameters() (it runs after the conversion), not in __init__"
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -6,8 +6,10 @@ What happens in ``on_fit_end`` (DDP is unwrapped, SyncBatchNorm reverted, the mo
    ``reparameterize()``, else ``switch_to_deploy()``; the root too; each module once), then the remaining
    conv -> BN pairs are folded (``fold_bn``); the training network is never modified;
 2. both forms run **in eval mode** on a real batch (the datamodule's ``sample_batch``, else the first validation or
-   training batch, else random inputs of ``input_shape``); the largest error relative to ``max |y|`` is compared with
-   ``rtol`` (default 1e-4 in float32, 5e-2 for bf16/fp16 weights);
+   training batch, else the LightningModule's ``example_input_array``, else random inputs of ``input_shape``); every
+   floating-point tensor of the output (a tensor, tuple, list or dict) is compared, and the largest error relative to
+   that tensor's ``max |y|`` must stay within ``rtol`` (default 1e-4 in float32, 5e-2 for bf16/fp16 weights); tied
+   tensors that the fold had to copy are listed (``untied``) with a warning;
 3. the report (error, parameters and BatchNorms before/after, what was converted) goes to the loggers
    (``log_metrics``), the console and ``<run dir>/reparam_report.json``;
 4. rank 0 writes ``<run dir>/deploy.pt2``, a self-contained ``torch.export`` program that loads in any process without
@@ -40,6 +42,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
 from typing_extensions import override
 
 from lightning_nd.callbacks.reparam_convert import (
@@ -72,22 +75,42 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
-    """``(max |y_ref - y|, max |y_ref|, max |y_ref - y| / max |y_ref|)`` with both models in eval mode.
+def output_errors(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> list[tuple[str, float, float, float]]:
+    """``(output name, max |dy|, max |y|, max |dy| / max |y|)`` for **every** floating-point tensor the reference
+    returns (a tensor, or the leaves of a tuple / list / dict output), both models in eval mode.
 
     Every module's training flag is restored afterwards (not only the roots').
+
+    Raises:
+        RuntimeError: when the two models return different structures (other keys, another number of tensors).
     """
     modes = {m: m.training for net in (reference, candidate) for m in net.modules()}
     reference.eval()
     candidate.eval()
     try:
-        y_ref, y = first_tensor(reference(x)), first_tensor(candidate(x))
+        out_ref, out = reference(x), candidate(x)
     finally:
         for module, mode in modes.items():
             module.training = mode
-    diff = (y_ref.float() - y.float()).abs().max().item()
-    scale = y_ref.float().abs().max().item()
-    return diff, scale, diff / scale if scale > 0 else diff
+    leaves_ref, spec_ref = tree_flatten_with_path(out_ref)
+    leaves, spec = tree_flatten_with_path(out)
+    if spec_ref != spec:
+        raise RuntimeError(f"ReparamFuse: the deploy form returns {spec}, the training form {spec_ref}")
+    errors = []
+    for (path, y_ref), (_, y) in zip(leaves_ref, leaves):
+        if not (isinstance(y_ref, torch.Tensor) and y_ref.is_floating_point()):
+            continue
+        diff = (y_ref.float() - y.float()).abs().max().item() if y_ref.numel() else 0.0
+        scale = y_ref.float().abs().max().item() if y_ref.numel() else 0.0
+        errors.append((keystr(path) or "output", diff, scale, diff / scale if scale > 0 else diff))
+    return errors
+
+
+def relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+    """``(max |y_ref - y|, max |y_ref|, max |y_ref - y| / max |y_ref|)`` of the worst output tensor (relative error),
+    both models in eval mode; see :func:`output_errors`."""
+    worst = max(output_errors(reference, candidate, x), key=lambda e: e[3], default=("output", 0.0, 0.0, 0.0))
+    return worst[1], worst[2], worst[3]
 
 
 class ReparamFuse(Callback):
@@ -230,6 +253,8 @@ class ReparamFuse(Callback):
                 f"{'and no conv -> BN pair was found' if self.fold_bn else '(fold_bn=False)'}; the deploy model "
                 "equals the trained one"
             )
+        if stats.untied:
+            rank_zero_warn(f"ReparamFuse: tied tensors folded into copies in the deploy form: {'; '.join(stats.untied)}")
         dtype = next((p.dtype for p in net.parameters()), torch.float32)
         half = dtype in (torch.float16, torch.bfloat16)
         report: dict[str, Any] = {
@@ -240,16 +265,21 @@ class ReparamFuse(Callback):
             "batchnorms_train": count_batchnorms(net),
             "batchnorms_deploy": count_batchnorms(deploy),
             "unfolded_bn": [f"{s.bn_path}: {s.reason}" for s in stats.unfolded_bn],
+            "untied": list(stats.untied),
             "dtype": str(dtype).replace("torch.", ""),
             "rtol": self.rtol if self.rtol is not None else (5e-2 if half else 1e-4),
             "global_step": trainer.global_step,
         }
         if self.check and x is not None:
-            abs_err, scale, rel_err = relative_error(net, deploy, x)
+            errors = output_errors(net, deploy, x)
+            name, abs_err, scale, rel_err = max(errors, key=lambda e: e[3], default=("output", 0.0, 0.0, 0.0))
             report.update(
                 max_abs_error=abs_err, max_abs_output=scale, max_rel_error=rel_err, check_batch=list(x.shape),
-                passed=bool(rel_err <= report["rtol"]),
+                passed=bool(rel_err <= report["rtol"]), outputs_checked=len(errors),
             )
+            if len(errors) > 1:  # a tuple / dict output: every tensor is checked, the worst one is reported
+                report["worst_output"] = name
+                report["output_rel_errors"] = {n: e for n, _, _, e in errors}
         elif self.check:
             rank_zero_warn("ReparamFuse: no batch to check with (no datamodule/dataloader, no input_shape): skipped")
         self._log(trainer, report)
@@ -267,6 +297,9 @@ class ReparamFuse(Callback):
                     x = first_tensor(next(iter(loader)))
                     if x is not None:
                         break
+        example = getattr(trainer.lightning_module, "example_input_array", None) if trainer.lightning_module else None
+        if x is None and isinstance(example, torch.Tensor):
+            x = example
         if x is None and self.input_shape is not None:
             generator = torch.Generator().manual_seed(0)
             x = torch.randn(self.check_samples, *self.input_shape, generator=generator)

@@ -86,7 +86,9 @@ class ImageClassifier(pl.LightningModule):
     The network lives in ``self.net``; callbacks such as ``ReparamConvert`` and ``ReparamFuse`` act on it.
 
     Args:
-        model: a network, or a timm model name (built with ``pretrained=False``).
+        model: a network, or a timm model name (built with ``pretrained=False``). A name is saved in the
+            hyperparameters, so ``ImageClassifier.load_from_checkpoint(path)`` rebuilds it; for a network, pass
+            ``model=`` to ``load_from_checkpoint`` again.
         num_classes: classes of the task; checked against the datamodule before training.
         in_chans: input channels, for timm models.
         label_smoothing: cross-entropy label smoothing in [0, 1).
@@ -121,6 +123,8 @@ class ImageClassifier(pl.LightningModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        if isinstance(model, str):  # a timm name rebuilds the network in load_from_checkpoint; a module cannot
+            self.hparams["model"] = model
         self.net = create_network(model, num_classes, in_chans, **(model_kwargs or {}))
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler

@@ -175,6 +175,9 @@ class ReparamBlock(nn.Module, metaclass=ABCMeta):
         kernel, bias = self.kernel_bias()
         ref = next(p for p in self.parameters())
         conv = self._deploy_conv(device=ref.device, dtype=ref.dtype)
+        kernel_ref = next((p for p in self.parameters() if p.dim() == 4), ref)
+        if kernel_ref.is_contiguous(memory_format=torch.channels_last) and not kernel_ref.is_contiguous():
+            conv.to(memory_format=torch.channels_last)  # a channels-last block gives a channels-last deploy conv
         conv.weight.copy_(kernel.to(ref.dtype))
         conv.bias.copy_(bias.to(ref.dtype))
         conv.train(self.training)

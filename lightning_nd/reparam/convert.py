@@ -17,6 +17,11 @@ reads that output, so pre-activation layouts (PreAct-ResNet, timm ResNetV2, Dens
 inside a module that re-parameterizes itself (timm's RepVGG/MobileOne/FastViT blocks, our blocks) are left to that
 module's own ``reparameterize()``/``fuse()``, which reads those children by name.
 
+Tied tensors (a conv weight shared with another conv or a ``ConvTranspose2d``, an aliased module) stay tied: the
+block's main branch reuses the very same ``Parameter`` instead of a copy (``Conversion.tied`` lists them). A tied conv
+*bias* would have to be absorbed into the block's BN mean, which unties it: such a pair is left as it is, with a
+warning and the reason in the report.
+
 Eligibility: square odd kernels ``k >= 3``, ``padding_mode="zeros"``, symmetric integer padding and stride; ACB
 accepts any padding and dilation, DBB needs ``padding == k // 2`` and dilation 1, RepVGG ``padding == dilation * (k//2)``.
 Ineligible pairs (``1x1`` convs, ``padding="same"`` with stride, ...) are left as they are.
@@ -39,11 +44,19 @@ from torch import nn
 
 from lightning_nd.reparam.acb import ACBlock
 from lightning_nd.reparam.dbb import DiverseBranchBlock
-from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs
+from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs, parameter_users
 from lightning_nd.reparam.protocol import METHODS, protocol_method
 from lightning_nd.reparam.repvgg_block import RepVGGBlock
 
-__all__ = ["BLOCKS", "Conversion", "convert_model", "convert_model_with_report", "eligible", "self_reparameterizing"]
+__all__ = [
+    "BLOCKS",
+    "Conversion",
+    "convert_model",
+    "convert_model_with_report",
+    "eligible",
+    "memory_format_of",
+    "self_reparameterizing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +91,31 @@ def eligible(conv: nn.Conv2d, block: str) -> dict[str, int] | None:
     return geometry
 
 
+def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D weight stored channels-last (and not also plain contiguous), else contiguous."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _shared(users: dict[int, list], module: nn.Module, tensor: torch.Tensor | None) -> list[str]:
+    """Paths of the *other* modules that hold ``tensor`` as a parameter (tied weights)."""
+    if tensor is None:
+        return []
+    return sorted({path for owner, path in users.get(id(tensor), []) if owner is not module})
+
+
 @torch.no_grad()
-def _load_main(block: nn.Module, conv: nn.Conv2d, bn: nn.Module, preserve: bool) -> None:
+def _load_main(block: nn.Module, conv: nn.Conv2d, bn: nn.Module, preserve: bool, users: dict[int, list]) -> list[str]:
+    """Load the conv+BN into the block's main branch; a tensor tied to other modules is *reused*, not copied, so the
+    tie holds in training too. Returns the tied tensors kept."""
     main = block.main_branch()
-    main.conv.weight.copy_(conv.weight)
+    kept = []
+    if _shared(users, conv, conv.weight):
+        main.conv.weight = conv.weight
+        kept.append("conv.weight")
+    else:
+        main.conv.weight.copy_(conv.weight)
     target = main.bn
     target.eps, target.momentum = bn.eps, bn.momentum
     target.running_mean.copy_(bn.running_mean)
@@ -89,14 +123,26 @@ def _load_main(block: nn.Module, conv: nn.Conv2d, bn: nn.Module, preserve: bool)
     target.num_batches_tracked.copy_(bn.num_batches_tracked)
     if conv.bias is not None:  # BN(conv(x) + c) == BN'(conv(x)) with mean' = mean - c
         target.running_mean.sub_(conv.bias)
-    if bn.weight is not None:
-        target.weight.copy_(bn.weight)
-        target.bias.copy_(bn.bias)
+    for name in ("weight", "bias"):
+        tensor = getattr(bn, name)
+        if tensor is not None and _shared(users, bn, tensor):
+            setattr(target, name, tensor)
+            kept.append(f"bn.{name}")
+        elif tensor is not None:
+            getattr(target, name).copy_(tensor)
     if preserve:
         for norm in block.extra_norms():
             nn.init.zeros_(norm.weight)
             nn.init.zeros_(norm.bias)
+    return kept
 
+
+def _untieable(users: dict[int, list], conv: nn.Conv2d, bn: nn.Module) -> str | None:
+    """Why converting this pair would untie something silently, or ``None``."""
+    if conv.bias is not None and _shared(users, conv, conv.bias):
+        return (f"the conv bias is tied to {', '.join(_shared(users, conv, conv.bias))}: it would be absorbed into "
+                "the block's BN mean, untying it")
+    return None
 
 @dataclass
 class Conversion:
@@ -107,12 +153,15 @@ class Conversion:
     ineligible: list[str] = field(default_factory=list)  # verified pairs whose conv geometry the block cannot take
     skipped: list[SkippedBN] = field(default_factory=list)  # BNs not paired, with the reason
     method: str = "fx"  # how the dataflow was read: "fx" or "hooks"
+    tied: list[str] = field(default_factory=list)  # block tensors that stay tied to other modules (reused, not copied)
 
     def summary(self, limit: int = 5) -> str:
         """One line: counts, then the first ``limit`` rejected candidates and why."""
         rejected = [s for s in self.skipped if s.conv_path is not None]
         text = (f"{len(self.converted)} conv+BN pairs -> {self.block} blocks, {len(self.ineligible)} pairs of other "
                 f"geometry kept, {len(self.skipped)} BNs unpaired ({len(rejected)} of them after a conv)")
+        if self.tied:
+            text += f"; {len(self.tied)} tied tensors kept shared ({', '.join(self.tied[:limit])})"
         if rejected:
             text += "; rejected: " + "; ".join(f"{s.conv_path} -> {s.bn_path}: {s.reason}" for s in rejected[:limit])
         return text
@@ -141,6 +190,7 @@ def convert_model_with_report(
     found = find_conv_bn_pairs(model, example_input)
     report = Conversion(block, skipped=list(found.skipped), method=found.method)
     owners = self_reparameterizing(model)
+    users = parameter_users(model)
     for pair in found.pairs:
         owner = next((o for o in owners if pair.conv_path.startswith(o + ".") or pair.bn_path.startswith(o + ".")), None)
         if owner is not None:
@@ -152,9 +202,15 @@ def convert_model_with_report(
         if geometry is None:
             report.ineligible.append(pair.conv_path)
             continue
+        untie = _untieable(users, conv, bn)
+        if untie is not None:
+            report.skipped.append(SkippedBN(pair.bn_path, untie, pair.conv_path))
+            warnings.warn(f"convert_model: {pair.conv_path} -> {pair.bn_path} left as it is: {untie}", UserWarning,
+                          stacklevel=3)
+            continue
         new = cls(conv.in_channels, conv.out_channels, act_layer=None, **geometry, **block_kwargs)
-        new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        _load_main(new, conv, bn, preserve)
+        new.to(device=conv.weight.device, dtype=conv.weight.dtype, memory_format=memory_format_of(conv.weight))
+        report.tied += [f"{pair.conv_path}:{t}" for t in _load_main(new, conv, bn, preserve, users)]
         new.train(conv.training)
         tail = bn_tail(bn)
         tail.train(bn.training)

@@ -2,7 +2,9 @@
 
 :func:`save_deploy` writes two files:
 
-* ``deploy.pt2``: the fused model as a ``torch.export`` program (``torch.export.save``; a dynamic batch dimension),
+* ``deploy.pt2``: the fused model as a ``torch.export`` program (``torch.export.save``; a dynamic batch dimension and,
+  by default, dynamic height and width where the model allows: ``Dim.AUTO`` keeps a size static only when the model
+  fixes it, e.g. a ``Flatten -> Linear`` head),
   loadable in any process with only torch installed - no training code, no lightning_nd, no user classes
   (``torch.export.load(path).module()``). If the model does not export, a traced TorchScript module is written
   instead (with a warning); it loads the same way through :func:`load_deploy`.
@@ -23,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nd.reparam.protocol import reparameterize_model
+from lightning_nd.reparam.protocol import FOLDED_MARK, reparameterize_model
 from lightning_nd.utils import atomic_save, atomic_write
 
 __all__ = ["FORMAT", "deploy_kind", "load_deploy", "read_report", "save_deploy", "weights_path"]
@@ -59,9 +62,59 @@ def _batch(example_input: Any) -> tuple:
     return tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.shape[:1] == (1,) else a for a in args)
 
 
-def _export_program(model: nn.Module, args: tuple, tmp: str) -> None:
-    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
-    program = torch.export.export(model, args, dynamic_shapes=dims)
+def _dynamic_dims(arg: Any, dynamic_hw: bool) -> dict[int, Any] | None:
+    """``{0: AUTO}`` (batch), plus the last two dims of an image-like (4-D) tensor when ``dynamic_hw``."""
+    if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
+        return None
+    dims = {0: torch.export.Dim.AUTO}
+    if dynamic_hw and arg.dim() == 4:
+        dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+    return dims
+
+
+def _size_oblivious() -> Any:
+    """A context in which export does not specialise sizes that happen to be 1 in the example (a 16x16 digit's last
+    ResNet stage is 1x1, which would otherwise cap H and W at 16); a no-op where torch lacks the switch."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(fx_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal up to torch.testing's default tolerance for the dtype (the same graph, maybe other kernels)."""
+    try:
+        torch.testing.assert_close(a, b)
+    except (AssertionError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _export(model: nn.Module, args: tuple, dynamic_hw: bool) -> torch.export.ExportedProgram:
+    """Export with a dynamic batch (and H/W); the program must reproduce the model on the example, else the next,
+    more static, option is taken."""
+    expected = model(*args)
+    attempts = [(True, True), (True, False), (False, False)] if dynamic_hw else [(False, False)]
+    error: Exception | None = None
+    for hw, oblivious in attempts:
+        dims = tuple(_dynamic_dims(a, hw) for a in args)
+        try:
+            with _size_oblivious() if oblivious else contextlib.nullcontext():
+                program = torch.export.export(model, args, dynamic_shapes=dims)
+            if _same(program.module()(*args), expected):
+                return program
+        except Exception as caught:  # a model that fixes H/W (or a torch without the switch): try the next option
+            error = caught
+    if error is not None:
+        raise error
+    raise RuntimeError("save_deploy: the exported program does not reproduce the model on the example input")
+
+
+def _export_program(model: nn.Module, args: tuple, tmp: str, dynamic_hw: bool = True) -> None:
+    program = _export(model, args, dynamic_hw)
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name; the temporary file has another
     torch.export.save(program, buffer)
     Path(tmp).write_bytes(buffer.getvalue())
@@ -72,7 +125,8 @@ def save_deploy(
     path: str | os.PathLike,
     example_input: Any = None,
     report: dict[str, Any] | None = None,
-    fold_bn: bool = False,
+    fold_bn: bool | None = None,
+    dynamic_hw: bool = True,
 ) -> Path:
     """Atomically write the fused ``model`` as a self-contained program at ``path`` and its weights beside it.
 
@@ -82,13 +136,18 @@ def save_deploy(
         example_input: a sample input (or tuple of inputs) to export with; its batch dimension is left dynamic.
             Without it only the weights file is written (with a warning) and its path is returned.
         report: JSON-like facts stored with the weights (errors, parameter counts, ...).
-        fold_bn: whether conv -> BN pairs were folded, so :func:`load_deploy` can rebuild the same form.
+        fold_bn: whether conv -> BN pairs were folded, so :func:`load_deploy` can rebuild the same form; ``None``
+            (default) reads it from the model (``reparameterize_model(..., fold_bn=True)`` marks what it returns).
+        dynamic_hw: export height and width of 4-D inputs as dynamic (kept static where the model fixes them);
+            ``False`` fixes them to the example's.
 
     Returns:
         ``path``; the weights file's path when there was no ``example_input`` or the model neither exports nor
         traces (each with a warning).
     """
     path = Path(path)
+    if fold_bn is None:
+        fold_bn = bool(getattr(model, FOLDED_MARK, False))
     state = _strip_prefix({k: v.detach().cpu() for k, v in model.state_dict().items()})
     payload = {"format": FORMAT, "state_dict": state, "report": dict(report or {}), "fold_bn": fold_bn}
     atomic_save(payload, weights_path(path))
@@ -102,7 +161,7 @@ def save_deploy(
     try:
         with torch.no_grad():
             try:
-                atomic_write(path, lambda tmp: _export_program(model, args, tmp))
+                atomic_write(path, lambda tmp: _export_program(model, args, tmp, dynamic_hw))
             except Exception as error:  # any export failure: fall back to TorchScript
                 warnings.warn(f"save_deploy: torch.export failed ({type(error).__name__}: {error}); writing a traced "
                               "TorchScript module instead", UserWarning, stacklevel=2)
@@ -179,7 +238,16 @@ def load_deploy(
             f"{path} holds weights only: pass model= (the training-form architecture) to fuse and load them, or "
             "load the self-contained program written beside it"
         )
-    fused = reparameterize_model(model, fold_bn=payload.get("fold_bn", False))
+    fold = bool(payload.get("fold_bn", False))
+    fused = reparameterize_model(model, fold_bn=fold)
+    stored, ours = set(payload["state_dict"]), set(fused.state_dict())
+    if stored != ours:
+        missing, unexpected = sorted(ours - stored), sorted(stored - ours)
+        raise RuntimeError(
+            f"load_deploy: {path} does not fit {type(model).__name__} fused with fold_bn={fold} (as recorded in the "
+            f"file): {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+            f"{unexpected[:3]}); pass the training-form model of the architecture that was saved"
+        )
     fused.load_state_dict(payload["state_dict"], strict=True)
     return fused.to(map_location).eval()
 

@@ -8,7 +8,13 @@ not ``conv1``'s output; a DenseNet's ``norm1`` sees a concatenation. So the data
 * from a ``torch.fx`` trace (as torch's own fusion utilities do), with every ``Conv2d`` and ``_BatchNorm`` a leaf;
 * for models that do not trace (data-dependent control flow, timm's shape asserts, ...), from one hooked forward on an
   example input, in eval mode without gradients: module hooks see each conv and BN call, a ``TorchFunctionMode`` sees
-  every other operation that reads a conv's output. Shape/dtype queries do not count as uses.
+  every other operation that reads a conv's output, and a conv output that the model returns counts as read by "the
+  model output". Shape/dtype queries do not count as uses. Such pairs hold for the path that one input takes: a
+  ``UserWarning`` says so and names the convs and BNs that never ran (they are never paired).
+
+A BN is folded only if its forward is the plain normalisation: ``BatchNorm2d``/``SyncBatchNorm`` (timm's
+``BatchNormAct2d``/``SyncBatchNormAct``: normalisation, then dropout and activation) or a subclass that keeps that
+``forward``; a subclass with its own ``forward`` is left alone whatever its name.
 
 Every BN that is not paired is reported with the reason (:class:`SkippedBN`). The caller replaces the conv by a module
 that includes the BN and the BN by :func:`bn_tail` (the activation and dropout that timm's ``BatchNormAct2d`` applies
@@ -24,6 +30,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,13 +44,41 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["ConvBNPair", "PairSearch", "SkippedBN", "bn_tail", "find_conv_bn_pairs"]
+__all__ = ["ConvBNPair", "PairSearch", "SkippedBN", "bn_tail", "find_conv_bn_pairs", "foldable_bn", "parameter_users"]
 
-# BN classes whose forward is "normalise, then (timm) dropout + activation": the normalisation can be folded
-_FOLDABLE_BN_NAMES = {"BatchNorm2d", "SyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct"}
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
              torch.Tensor.device.__get__, torch.Tensor.ndim.__get__, torch.Tensor.requires_grad.__get__}
 _METADATA_FX = {"size", "dim", "shape", "dtype", "device", "ndim"}
+
+
+@functools.cache
+def _foldable_forwards() -> frozenset:
+    """The ``forward`` functions that normalise with running statistics (then, for timm, dropout + activation)."""
+    forwards = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward}
+    try:
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+    except ImportError:  # timm is optional here
+        pass
+    else:
+        forwards |= {BatchNormAct2d.forward, SyncBatchNormAct.forward}
+    return frozenset(forwards)
+
+
+def foldable_bn(bn: nn.Module) -> bool:
+    """Whether ``bn``'s forward is a known plain normalisation (exact type, or a subclass that keeps the ``forward``).
+
+    A class named ``BatchNorm2d`` with its own ``forward`` is not foldable: its output is not ``t * x + shift``.
+    """
+    return isinstance(bn, _BatchNorm) and type(bn).forward in _foldable_forwards()
+
+
+def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(parameter) -> [(module, "path.name"), ...]`` over every path (aliased modules and tied weights included)."""
+    users: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            users[id(param)].append((module, f"{path}.{name}" if path else name))
+    return users
 
 
 @dataclass
@@ -90,6 +126,7 @@ class PairSearch:
     pairs: list[ConvBNPair] = field(default_factory=list)  # verified pairs, in forward order
     skipped: list[SkippedBN] = field(default_factory=list)  # every other BN, with the reason
     method: str = "fx"  # "fx" (traced graph) or "hooks" (one hooked forward on the example input)
+    never_ran: list[str] = field(default_factory=list)  # hooks only: conv / BN paths the example forward did not call
 
     def __iter__(self) -> Iterator[ConvBNPair]:
         return iter(self.pairs)
@@ -209,7 +246,10 @@ def _flow_from_hooks(model: nn.Module, example_input: Any) -> _Flow:
         model.eval()  # a train-mode forward would update the running statistics
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         with recorder:
-            model(*args)
+            output = model(*args)
+        for t in tree_leaves(output):  # a returned conv output is read by the caller: it must keep its value
+            if isinstance(t, torch.Tensor) and id(t) in recorder.conv_outputs:
+                flow.conv_users[recorder.conv_outputs[id(t)][0]].append("the model output")
     finally:
         for handle in handles:
             handle.remove()
@@ -246,8 +286,9 @@ def _decide(model: nn.Module, flow: _Flow, method: str) -> PairSearch:
             reason = f"its conv's output also feeds {', '.join(map(repr, others))}"
         elif type(conv) is not nn.Conv2d:
             reason = f"its conv is a {type(conv).__name__} (own forward), not a plain Conv2d"
-        elif type(bn).__name__ not in _FOLDABLE_BN_NAMES:
-            reason = f"{type(bn).__name__} is not a BatchNorm2d (its forward may differ)"
+        elif not foldable_bn(bn):
+            reason = (f"{type(bn).__module__}.{type(bn).__qualname__} has its own forward (not BatchNorm2d's "
+                      "normalisation), so folding it could change the output")
         elif conv.out_channels != bn.num_features:
             reason = f"{conv.out_channels} conv channels but {bn.num_features} BN features"
         elif bn.running_mean is None:
@@ -284,9 +325,23 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> PairSearc
         if example_input is None:
             raise ValueError(
                 f"{type(model).__name__} does not trace with torch.fx ({type(error).__name__}: {error}); pass "
-                "example_input (a sample batch) so conv -> BN pairs are found from one hooked forward"
+                "example_input (a sample batch; the Lightning callbacks read LightningModule.example_input_array) so "
+                "conv -> BN pairs are found from one hooked forward"
             ) from error
         flow, method = _flow_from_hooks(model, example_input), "hooks"
+        found = _decide(model, flow, method)
+        found.never_ran = [p for p, m in model.named_modules() if isinstance(m, (nn.Conv2d, _BatchNorm))
+                           and flow.calls[p] == 0]
+        idle = f"; never ran, so not paired: {', '.join(found.never_ran[:8])}" if found.never_ran else ""
+        idle += f" (+{len(found.never_ran) - 8} more)" if len(found.never_ran) > 8 else ""
+        warnings.warn(
+            f"find_conv_bn_pairs: {type(model).__name__} does not trace with torch.fx ({type(error).__name__}), so its "
+            f"{len(found.pairs)} conv -> BN pairs come from ONE forward on the example input (example_input / "
+            f"example_input_array): a code path that input does not take is not seen{idle}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return found
     return _decide(model, flow, method)
 
 

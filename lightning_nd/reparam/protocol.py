@@ -34,9 +34,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_nd.reparam.fusion import fold_bn
-from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs
+from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs, parameter_users
 
 __all__ = [
+    "FOLDED_MARK",
     "METHODS",
     "ReparamStats",
     "fold_conv_bn_pairs",
@@ -47,6 +48,7 @@ __all__ = [
 
 METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 _MARK = "_lnd_reparameterized"
+FOLDED_MARK = "_lnd_folded_bn"  # set on a model whose conv -> BN pairs were folded
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ReparamStats:
     folded_bn: int = 0  # conv -> BN pairs folded by the generic pass
     skipped: int = 0  # modules skipped because an earlier conversion marked them
     unfolded_bn: list[SkippedBN] = field(default_factory=list)  # BNs the fold pass left, with the reason
+    untied: list[str] = field(default_factory=list)  # tied tensors the fold gave a folded copy (the others keep it)
 
     @property
     def total(self) -> int:
@@ -107,29 +110,68 @@ def _convert(module: nn.Module, methods: tuple[str, ...], stats: ReparamStats) -
     return module
 
 
+def _fresh_parameter(value: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype) -> nn.Parameter:
+    """A new parameter holding ``value`` in ``like``'s dtype, device and memory format (channels-last stays)."""
+    if like is None:
+        return nn.Parameter(value.to(dtype).clone())
+    out = torch.empty_like(like)
+    out.copy_(value.to(like.dtype))
+    return nn.Parameter(out, requires_grad=like.requires_grad)
+
+
 @torch.no_grad()
-def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int, list[SkippedBN]]:
+def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int, list[SkippedBN], list[str]]:
     """Fold every ``Conv2d -> _BatchNorm`` pair whose dataflow is verified (:mod:`lightning_nd.reparam.pairs`), in place.
 
-    The conv gets the folded kernel and a bias (computed in float32, cast back), the BN is replaced by
-    ``Identity`` (or by the dropout/activation of timm's ``BatchNormAct2d``). Returns the number of pairs folded and
-    the BNs left, with the reason (pre-activation BNs, shared conv outputs, BNs without running statistics).
+    The conv gets the folded kernel and bias as **new** parameters (computed in float32, cast back, memory format
+    kept), the BN is replaced by ``Identity`` (or by the dropout/activation of timm's ``BatchNormAct2d``). A weight
+    shared with other modules (tied weights, a conv and a ``ConvTranspose2d`` on one tensor) is never written to: the
+    folded conv gets its own copy, and convs that shared a tensor share the folded one again only when every user of
+    that tensor was folded to bit-identical values. Returns the number of pairs folded, the BNs left (with the
+    reason), and one line per tie that the fold had to break (``"conv.weight, shared with other.weight: ..."``).
 
     Raises:
         ValueError: when the model does not trace with ``torch.fx`` and no ``example_input`` was given.
     """
     found = find_conv_bn_pairs(model, example_input)
+    users = parameter_users(model)
+    folded: list[tuple[Any, nn.Conv2d, torch.Tensor, torch.Tensor]] = []
     for pair in found.pairs:
-        conv, bn = pair.conv, pair.bn
-        w, b = fold_bn(conv.weight, bn, conv.bias)
-        conv.weight.copy_(w.to(conv.weight.dtype))
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
-        conv.bias.copy_(b.to(conv.bias.dtype))
-        tail = bn_tail(bn)
-        tail.train(bn.training)
+        w, b = fold_bn(pair.conv.weight, pair.bn, pair.conv.bias)
+        folded.append((pair, pair.conv, w, b))
+    # convs by the original tensor they read: a tie survives only if all its users fold to identical values
+    groups: dict[int, list[int]] = {}
+    for i, (_, conv, _, _) in enumerate(folded):
+        for name in ("weight", "bias"):
+            tensor = getattr(conv, name)
+            if tensor is not None:
+                groups.setdefault(id(tensor), []).append(i)
+    broken: list[str] = []
+    new_params: dict[tuple[int, str], nn.Parameter] = {}
+    for i, (pair, conv, w, b) in enumerate(folded):
+        for name, value in (("weight", w), ("bias", b)):
+            old = getattr(conv, name)
+            key = id(old) if old is not None else None
+            shared = [u for u in users.get(key, []) if u[0] is not conv] if key is not None else []
+            members = groups.get(key, [i]) if key is not None else [i]
+            same = all(torch.equal((folded[j][2] if name == "weight" else folded[j][3]), value) for j in members)
+            convs = {id(folded[j][1]) for j in members}
+            every_user_folded = all(id(u[0]) in convs for u in shared)
+            if shared and every_user_folded and same and (key, name) in new_params:
+                param = new_params[(key, name)]  # the tie is kept: every user folds to the same tensor
+            else:
+                param = _fresh_parameter(value, old, conv.weight.dtype)
+                if shared and every_user_folded and same:
+                    new_params[(key, name)] = param
+                elif shared:
+                    others = ", ".join(sorted({u[1] for u in shared}))
+                    broken.append(f"{pair.conv_path}.{name}, shared with {others}: folded into a copy "
+                                  "(the other users keep the unfolded tensor)")
+            setattr(conv, name, param)
+        tail = bn_tail(pair.bn)
+        tail.train(pair.bn.training)
         setattr(pair.bn_parent, pair.bn_name, tail)
-    return len(found.pairs), found.skipped
+    return len(found.pairs), found.skipped, broken
 
 
 def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
@@ -164,7 +206,11 @@ def reparameterize_with_stats(
     stats = ReparamStats()
     model = _convert(model, tuple(methods), stats)
     if fold_bn:
-        stats.folded_bn, stats.unfolded_bn = fold_conv_bn_pairs(model, example_input)
+        stats.folded_bn, stats.unfolded_bn, stats.untied = fold_conv_bn_pairs(model, example_input)
+        object.__setattr__(model, FOLDED_MARK, True)  # save_deploy reads it: load_deploy must fold the same way
+        if warn and stats.untied:
+            warnings.warn(f"reparameterize_model: {len(stats.untied)} tied tensor(s) folded into a copy: "
+                          + "; ".join(stats.untied), UserWarning, stacklevel=3)
     _restore_modes(model, modes)
     if warn and stats.total == 0:
         hint = "" if fold_bn else " (fold_bn=True would also fold plain conv -> BN pairs)"

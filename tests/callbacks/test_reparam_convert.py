@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -174,3 +175,36 @@ def test_image_classifier_load_from_checkpoint_after_convert(tmp_path):
     x, _ = dm.sample_batch(8)
     with torch.no_grad():
         torch.testing.assert_close(restored.eval()(x), model.eval()(x))
+
+
+class EagerOptimizerModule(pl.LightningModule):
+    """Builds its optimizer in ``__init__``: it holds the tensors that the conversion replaces (issue 27 item 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_cnn()
+        self.opt = torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return self.opt
+
+
+def test_optimizer_built_before_conversion_warns_and_missing_restore_hook_is_named():
+    dm = DigitsDataModule(batch_size=16)
+    with pytest.warns(UserWarning) as record:
+        trainer(callbacks=[ReparamConvert("acb")], limit_val_batches=0).fit(EagerOptimizerModule(), datamodule=dm)
+    messages = [str(w.message) for w in record]
+    # 3 conv weights + 3 BN (weight, bias) replaced; the optimizer misses every block parameter but the final Linear's
+    assert any("optimizer 0 (SGD) holds 9 parameters that the conversion replaced (e.g. net.0.weight" in m
+               and "configure_optimizers" in m for m in messages), messages
+    assert any("EagerOptimizerModule has no on_load_checkpoint hook" in m and "ReparamConvert.restore(self, "
+               "checkpoint)" in m for m in messages), messages
+    # the control: optimizer from configure_optimizers, the restore hook in place: neither warning
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(callbacks=[ReparamConvert("acb")], limit_val_batches=0).fit(UserModule(), datamodule=dm)
+    assert not [w for w in record if "conversion replaced" in str(w.message) or "on_load_checkpoint" in str(w.message)]

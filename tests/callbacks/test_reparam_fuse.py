@@ -236,3 +236,57 @@ def test_relative_error_restores_every_flag():
     relative_error(net, other, torch.randn(2, 1, 8, 8))
     assert [m.training for m in net.modules()] == [m.training for m in other.modules()]
     assert net[1].training is False and net[4].training is True
+
+
+class Drift(nn.Module):
+    """A third-party module whose ``reparameterize()`` is not exact: it scales its (only) output path by ``gain``."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain, self.scale = gain, 1.0
+
+    def forward(self, x):
+        return x * self.scale
+
+    def reparameterize(self):
+        self.scale = self.gain
+
+
+class TwoOutputs(nn.Module):
+    """Returns ``(logits, {"features": f})``: only the second output goes through ``Drift``."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.body, self.drift, self.head = small_cnn()[:6], Drift(gain), nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.head(f), {"features": self.drift(f)}
+
+
+class TupleModule(pl.LightningModule):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.net = TwoOutputs(gain)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x)[0], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_every_output_tensor_of_a_tuple_is_verified(tmp_path):
+    dm = DigitsDataModule(batch_size=16)
+    exact = ReparamFuse(save=False)
+    trainer(callbacks=[exact], limit_val_batches=0, default_root_dir=tmp_path / "exact").fit(TupleModule(1.0), datamodule=dm)
+    assert exact.report["passed"] and exact.report["outputs_checked"] == 2
+    assert exact.report["max_rel_error"] <= 1e-5  # 2 folded convs + Linear in float32
+    # only the dict's tensor changes: a check of the first output alone would pass
+    with pytest.raises(RuntimeError, match="differs from the training form by 0.5"):
+        trainer(callbacks=[ReparamFuse(save=False)], limit_val_batches=0, default_root_dir=tmp_path / "drift").fit(
+            TupleModule(1.5), datamodule=dm)
+    report = json.loads((tmp_path / "drift" / "reparam_report.json").read_text())
+    assert report["worst_output"] == "[1]['features']" and report["output_rel_errors"]["[0]"] <= 1e-5

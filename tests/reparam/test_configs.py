@@ -15,7 +15,8 @@ import torch
 
 from lightning_nd.cli import create_cli, main
 from lightning_nd.modules import ImageClassifier
-from lightning_nd.reparam import RepVGG
+from lightning_nd.reparam import ACBlock, RepVGG, load_deploy
+from tests.reparam._helpers import rel_err
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "reparam"
 CPU = ["acb_digits.yaml", "repvgg_digits.yaml", "dbb_fashion_mnist.yaml"]
@@ -48,3 +49,19 @@ def test_gpu_config_instantiates(name):
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
+
+
+def test_acb_digits_checkpoint_loads_without_the_callbacks(tmp_path):
+    """`lnd fit -c acb_digits.yaml` on a tiny budget; `ImageClassifier.load_from_checkpoint(ckpt)` rebuilds resnet10t
+    (saved in the hyperparameters) with its ACBlocks and equals the verified deploy program."""
+    main(["fit", "-c", str(CONFIGS / "acb_digits.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+          "--data.batch_size=8"])
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    (program,) = tmp_path.rglob("deploy.pt2")
+    model = ImageClassifier.load_from_checkpoint(ckpt).eval()
+    assert model.hparams.model == "resnet10t" and sum(isinstance(m, ACBlock) for m in model.net.modules()) == 11
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+        assert rel_err(y, load_deploy(program)(x)) <= 1e-5  # ~12 folded float32 layers

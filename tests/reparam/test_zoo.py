@@ -57,6 +57,13 @@ ZOO = [
     ("timm", "mobilenetv3_small_100", 32, 34, "repvgg"),
     ("timm", "regnetx_002", 32, 44, "dbb"),
     ("timm", "convnext_atto", 32, 0, None),
+    # models of the issue-27 review: every BN follows a conv (regnety: stem + 13 blocks x 3 + 4 downsamples = 44)
+    ("timm", "regnety_002", 32, 44, "acb"),
+    ("timm", "ghostnet_100", 32, 80, "dbb"),
+    ("timm", "rexnet_100", 32, 62, "repvgg"),
+    ("timm", "dla34", 32, 37, "acb"),
+    # MixedConv2d concatenates its convs, so 34 BNs read a 'cat'; 2 Conv2dSame convs (own forward) are refused
+    ("timm", "tf_mixnet_s", 32, 13, "dbb"),
     ("timm", "repvgg_a0", 32, 44, None),  # every pair is inside a RepVggBlock: its own reparameterize() fuses it
     ("timm", "mobileone_s0", 32, 191, None),
     ("timm", "fastvit_t8", 64, 46, "acb"),  # the ConvMlp conv -> BN pairs outside the re-param blocks convert
