@@ -157,8 +157,15 @@ class RankCheck(pl.Callback):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_ddp_ranks_agree_on_paths_bn_and_pruning(tmp_path):
-    model = SupernetModule("nb201", num_classes=10, in_chans=1, space_kwargs={"C": 4, "N": 1}, calib_batches=2,
+@pytest.mark.parametrize(
+    ("space", "space_kwargs", "alive_before"),
+    [("nb201", {"C": 4, "N": 1}, 30),
+     # DARTS: 2 x (1 + 3 + 6 + 10) input combinations + 28 edges x 7 ops (none masked)
+     ("darts", {"C": 4, "layers": 3, "affine": True}, 40 + 28 * 7)],
+    ids=["nb201", "darts"],
+)
+def test_two_ddp_ranks_agree_on_paths_bn_and_pruning(tmp_path, space, space_kwargs, alive_before):
+    model = SupernetModule(space, num_classes=10, in_chans=1, space_kwargs=space_kwargs, calib_batches=2,
                            check_sync=True)
     trainer = pl.Trainer(strategy="ddp_spawn_find_unused_parameters_true", accelerator="cpu", devices=2,
                          max_epochs=2, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
@@ -172,5 +179,5 @@ def test_two_ddp_ranks_agree_on_paths_bn_and_pruning(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["paths"] == r1["paths"] and len(r0["paths"]) == 6
     assert r0["masks_equal"] and r0["alive"] == r1["alive"]
-    assert sum(len(o) for o in r0["alive"]) == 30 - 8  # two shrink steps of 4 ops
+    assert sum(len(o) for o in r0["alive"]) == alive_before - 8  # two shrink steps of 4 ops
     assert r0["bn_equal"] and all(r0["bn_equal"]) and all(r1["bn_equal"])
