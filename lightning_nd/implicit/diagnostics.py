@@ -13,8 +13,9 @@ Two numbers per sample tell the user which case they are in:
 
 :func:`diagnose_equilibrium` runs a model once, captures the input of every DEQ inside it, and returns one
 :class:`EquilibriumReport` per DEQ; :func:`equilibrium_warnings` turns reports into messages when the equilibrium
-adds nothing. Both run under ``torch.no_grad`` except for the vector-Jacobian products, which need autograd (so they
-do not work under ``torch.inference_mode``: validate with ``Trainer(inference_mode=False)``).
+adds nothing. Both run under ``torch.no_grad`` except for the vector-Jacobian products, which need autograd: they
+leave ``torch.inference_mode`` for that (Lightning validates under it) and work on normal copies of the captured
+inputs, so they can be called from a validation hook as they are.
 """
 
 from __future__ import annotations
@@ -141,6 +142,21 @@ def equilibrium_report(
     cell = getattr(deq, "cell", None)
     if cell is None or not callable(cell):
         raise ValueError(f"equilibrium_report needs a DEQ with a callable .cell, got {type(deq).__name__}")
+    with torch.inference_mode(False):
+        return _report(deq, cell, _normal(x), None if z0 is None else _normal(z0), iters, generator)
+
+
+def _normal(x: Any) -> Any:
+    """``x`` with inference tensors (made under ``torch.inference_mode``) replaced by normal copies."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_normal(v) for v in x)
+    return x
+
+
+def _report(deq: nn.Module, cell: Callable, x: Any, z0: State | None, iters: int,
+            generator: torch.Generator | None) -> EquilibriumReport:
     z0 = zeros_like_state(x) if z0 is None else z0
     f = lambda z: cell(z, x)  # noqa: E731
     with torch.no_grad():
@@ -201,7 +217,7 @@ def diagnose_equilibrium(
         for message in equilibrium_warnings(reports):
             rank_zero_warn(message)
     """
-    with _capture_inputs(model) as captured, torch.no_grad():
+    with torch.inference_mode(False), _capture_inputs(model) as captured, torch.no_grad():
         run()
     return {name: equilibrium_report(layer, x, z0, iters=iters, generator=generator)
             for name, (layer, x, z0) in captured.items()}

@@ -81,6 +81,12 @@ def test_diagnose_equilibrium_reports_every_deq_on_the_input_it_received():
         direct = equilibrium_report(net.deq, net.stem(x), iters=60, generator=torch.Generator().manual_seed(0))
     assert reports["deq"] == direct
     assert not net.deq._forward_pre_hooks  # the capture hooks are removed again
+    with torch.inference_mode():  # as in Lightning's validation loop: the VJPs still run, on normal copies
+        x_inf = x.clone()
+        assert diagnose_equilibrium(net, lambda: net(x_inf), iters=60,
+                                    generator=torch.Generator().manual_seed(0))["deq"] == direct
+        assert equilibrium_report(net.deq, net.stem(x_inf), iters=60,
+                                  generator=torch.Generator().manual_seed(0)) == direct
 
 
 def test_warnings_flag_a_deq_whose_equilibrium_adds_nothing():
