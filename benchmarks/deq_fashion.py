@@ -108,7 +108,7 @@ add_recipe("wide_b4", "the wide recipe with the adjoint (backward) solve capped 
 CONFIG_RECIPE = "wide_b4"
 
 
-EVAL_CAPS = (3, 4, 5, 6, 8)  # forward caps at test time swept on the final models
+EVAL_CAPS = (3, 4, 5, 6, 8, 12, 16)  # forward caps at test time swept on the final models (issue 22: up to 16)
 # A cheaper test-time cap is chosen without the test set: per seed, the smallest swept cap whose accuracy on held-out
 # training images (not in the training subset) is within this many points of the recipe's own cap
 VAL_TOLERANCE = 0.25
@@ -461,6 +461,30 @@ def main() -> None:
         text += f"\n\n![time to accuracy]({picture.name})\n"
     print(text)
     write_results(args.name, text, command=command, glance=[] if args.no_glance else glance)
+    add_cap_sweep(RESULTS_DIR / f"{args.name}.json", results)
+
+
+def add_cap_sweep(path: Path, results: dict[int, dict[str, list[dict]]]) -> None:
+    """Add the test-time cap sweep to the results JSON (issue 22): ``config_cap`` (the test-time cap of the config
+    recipe), ``cap_sweep`` = {seed: {cap: test accuracy %}} for the config recipe (or the first DEQ recipe run), and
+    ``cap_sweep_by_recipe`` = {recipe: {seed: {cap: test accuracy %}}} for every DEQ recipe."""
+    by_recipe: dict[str, dict[str, dict[str, float]]] = {}
+    for seed, models in sorted(results.items()):
+        for name, epochs in models.items():
+            if "sweep" in epochs[-1]:
+                by_recipe.setdefault(name, {})[str(seed)] = {str(row["cap"]): round(100 * row["acc"], 2)
+                                                             for row in epochs[-1]["sweep"]}
+    if not by_recipe:
+        return
+    main = next((n for n in by_recipe if CONFIG_RECIPE in n), next(iter(by_recipe)))
+    record = json.loads(path.read_text())
+    deq = RECIPES[CONFIG_RECIPE]["deq"]
+    config_cap = deq.get("eval_f_max_iter") or deq.get("f_max_iter")
+    record.update({"config_cap": config_cap, "cap_sweep_recipe": main,
+                   "cap_sweep": by_recipe[main], "cap_sweep_by_recipe": by_recipe})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def plot_time_to_accuracy(results: dict[int, dict[str, list[dict]]], stem: Path) -> Path | None:
