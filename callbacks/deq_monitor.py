@@ -10,6 +10,11 @@ Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forwar
 - warns when more than ``unconverged_warn`` of an epoch's equilibrium-mode training batches (unrolled warm-up
   batches do not count) ended with some sample above the forward tolerance, and likewise for the backward (adjoint)
   tolerance; logs the share of samples whose adjoint solve fell back to the 1-step gradient (``bwd_fallback``);
+- stops the run (or raises, ``on_unconverged``) when, for ``unconverged_patience`` consecutive equilibrium-mode
+  training steps, more than ``stop_unconverged_share`` of a DEQ's samples ended their forward solve above
+  ``unconverged_factor`` times its tolerance: a non-contractive cell otherwise trains, step after step, on states that
+  are no equilibria (warm-up steps neither count nor reset the streak). The factor keeps budget-limited but healthy
+  runs going: the shipped MDEQ-tiny recipe ends every solve above its rel 2e-2 (6 evaluations), at most ~15x it;
 - checks before every backward whether the loss is NaN/inf or a forward residual is non-finite, hit the solver's
   protective break or exceeds ``explode_threshold``, and before every optimizer step whether a backward (adjoint)
   residual is non-finite or hit the protective break. The decision is reduced over ranks (any rank), then either the
@@ -57,6 +62,21 @@ class DEQDivergenceError(RuntimeError):
     """
 
 
+class DEQNonConvergenceError(DEQDivergenceError):
+    """Raised by :class:`DEQMonitor` (``on_unconverged="raise"``) when forward solves stay far from equilibrium.
+
+    Raises:
+        Nothing itself: it is the error raised (on every rank) by the monitor.
+
+    Example::
+
+        try:
+            trainer.fit(model, datamodule=dm)      # trainer with DEQMonitor(on_unconverged="raise")
+        except DEQNonConvergenceError as err:
+            print("not converging:", err)
+    """
+
+
 def _hist_rel(values: torch.Tensor) -> torch.Tensor:
     v = values.detach().float().cpu().clamp(REL_BINS[0], REL_BINS[-1])
     v = torch.where(torch.isfinite(v), v, REL_BINS[-1].expand_as(v))
@@ -66,6 +86,21 @@ def _hist_rel(values: torch.Tensor) -> torch.Tensor:
 
 def _hist_steps(values: torch.Tensor) -> torch.Tensor:
     return torch.bincount(values.detach().cpu().long().clamp(0, MAX_STEPS_BIN), minlength=MAX_STEPS_BIN + 1).double()
+
+
+def _exploded(stats: Any) -> str:
+    """What blew up: the samples, the residual they reached (not the best iterate's), and the best iterates'."""
+    trace = stats.abs_trace
+    bad = stats.diverged_samples if stats.diverged_samples is not None else ~torch.isfinite(stats.abs)
+    rows = trace[bad] if bool(bad.any()) else trace
+    finite = rows[torch.isfinite(rows)]
+    nonfinite = int((~torch.isfinite(rows)).any(dim=1).sum())
+    peak = f"{float(finite.max()):.3g}" if finite.numel() else "none finite"
+    idx = bad.nonzero()[:, 0].tolist()
+    return (f"is non-finite or exploded in {len(idx)} of {bad.numel()} samples (indices {idx[:10]}"
+            f"{' ...' if len(idx) > 10 else ''}): the exploded abs residual reached {peak} (non-finite in "
+            f"{nonfinite}) from a first residual of {float(trace[:, 0].max()):.3g}; the best iterates kept have abs "
+            f"residual up to {float(stats.abs.max()):.3g}")
 
 
 class DEQMonitor(Callback):
@@ -81,18 +116,29 @@ class DEQMonitor(Callback):
         log_validation: also log validation solver statistics (epoch means).
         max_scaler_skips: under an enabled loss scaler, consecutive steps with a diverged adjoint and non-finite
             gradients tolerated (the scaler skips them) before the run counts as diverged.
+        stop_unconverged_share: share of a DEQ's samples (in (0, 1)) that, above ``unconverged_factor`` x its
+            forward tolerance, make a training step count as unconverged (None: never stop for non-convergence).
+        unconverged_factor: a sample counts as unconverged when its forward residual (in the layer's stop mode)
+            exceeds this multiple of ``f_tol`` (>= 1).
+        unconverged_patience: consecutive unconverged equilibrium-mode training steps that stop the run.
+        on_unconverged: ``"stop"`` (stop the trainer after the step, report the reason) or ``"raise"``
+            (:class:`DEQNonConvergenceError`).
 
     Attributes:
         stop_reason: the message of the divergence that stopped the run (None if none).
         warnings_issued: number of unconverged-share warnings so far.
         scaler_skips: consecutive steps so far whose diverged adjoint was left to the loss scaler.
         scaler_skips_total: all such steps of the run.
+        unconverged_streak: consecutive unconverged equilibrium-mode training steps so far.
+        longest_unconverged_streak: the longest such streak of the run.
 
     Raises:
         ValueError: for a non-positive ``log_every_n_steps``, a negative ``histogram_every_n_epochs``,
             ``unconverged_warn`` outside [0, 1], a non-positive ``explode_threshold``, an unknown ``on_divergence``
-            or a negative ``max_scaler_skips``.
+            or ``on_unconverged``, a negative ``max_scaler_skips``, ``stop_unconverged_share`` outside (0, 1),
+            ``unconverged_factor < 1`` or ``unconverged_patience < 1``.
         DEQDivergenceError: during training with ``on_divergence="raise"`` when the run diverges.
+        DEQNonConvergenceError: during training with ``on_unconverged="raise"`` when solves stay unconverged.
 
     Example::
 
@@ -108,6 +154,10 @@ class DEQMonitor(Callback):
         on_divergence: str = "stop",
         log_validation: bool = True,
         max_scaler_skips: int = 20,
+        stop_unconverged_share: float | None = 0.5,
+        unconverged_factor: float = 20.0,
+        unconverged_patience: int = 50,
+        on_unconverged: str = "stop",
     ) -> None:
         super().__init__()
         if not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
@@ -122,6 +172,19 @@ class DEQMonitor(Callback):
             raise ValueError(f"on_divergence={on_divergence!r} must be one of {list(DIVERGENCE_ACTIONS)}")
         if not (isinstance(max_scaler_skips, int) and max_scaler_skips >= 0):
             raise ValueError(f"max_scaler_skips={max_scaler_skips} must be an integer >= 0")
+        if stop_unconverged_share is not None and not 0.0 < stop_unconverged_share < 1.0:
+            raise ValueError(f"stop_unconverged_share={stop_unconverged_share} must be None or in (0, 1)")
+        if not unconverged_factor >= 1.0:
+            raise ValueError(f"unconverged_factor={unconverged_factor} must be >= 1")
+        if isinstance(unconverged_patience, bool) or not (
+            isinstance(unconverged_patience, int) and unconverged_patience >= 1
+        ):
+            raise ValueError(f"unconverged_patience={unconverged_patience!r} must be an integer >= 1")
+        if on_unconverged not in DIVERGENCE_ACTIONS:
+            raise ValueError(f"on_unconverged={on_unconverged!r} must be one of {list(DIVERGENCE_ACTIONS)}")
+        self.stop_unconverged_share, self.unconverged_factor = stop_unconverged_share, unconverged_factor
+        self.unconverged_patience, self.on_unconverged = unconverged_patience, on_unconverged
+        self.unconverged_streak = self.longest_unconverged_streak = 0
         self.log_every_n_steps, self.histogram_every_n_epochs = log_every_n_steps, histogram_every_n_epochs
         self.unconverged_warn, self.explode_threshold = unconverged_warn, explode_threshold
         self.on_divergence, self.log_validation = on_divergence, log_validation
@@ -184,9 +247,10 @@ class DEQMonitor(Callback):
                 continue
             worst = float(stats.abs.max())
             if not math.isfinite(worst) or stats.diverged:
-                return f"forward residual of DEQ {name!r} is non-finite or exploded (worst abs residual {worst:.3g})"
+                return f"forward residual of DEQ {name!r} " + _exploded(stats)
             if self.explode_threshold is not None and worst > self.explode_threshold:
-                return f"forward residual of DEQ {name!r} exploded: {worst:.3g} > explode_threshold={self.explode_threshold}"
+                return (f"forward residual of DEQ {name!r} exploded: the best iterate's abs residual is {worst:.3g} > "
+                        f"explode_threshold={self.explode_threshold}")
         return None
 
     @staticmethod
@@ -195,10 +259,9 @@ class DEQMonitor(Callback):
             stats = getattr(deq.last_stats, "backward", None)
             if stats is None:
                 continue
-            worst = float(stats.abs.max())
             if stats.diverged:
-                return (f"backward (adjoint) residual of DEQ {name!r} is non-finite or exploded (worst abs residual "
-                        f"{worst:.3g}): its implicit gradient is unusable")
+                return (f"backward (adjoint) residual of DEQ {name!r} " + _exploded(stats)
+                        + ": its implicit gradient is unusable")
         return None
 
     def _trip(self, trainer: pl.Trainer, reason: str | None) -> bool:
@@ -277,6 +340,52 @@ class DEQMonitor(Callback):
         self.bwd_unconverged += int(bwd_unconverged)
         if batch_idx % self.log_every_n_steps == 0:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._check_unconverged(trainer, deqs)
+
+    def _check_unconverged(self, trainer: pl.Trainer, deqs: list[tuple[str, Any]]) -> None:
+        """Count consecutive steps with most samples far above f_tol; stop or raise after ``unconverged_patience``."""
+        if self.stop_unconverged_share is None:
+            return
+        worst: tuple[float, str, Any] | None = None
+        for name, deq in deqs:
+            if deq.last_stats.mode != "equilibrium":
+                continue
+            fwd = deq.last_stats.forward
+            share = float((~(fwd.residual <= self.unconverged_factor * fwd.tol)).float().mean())  # NaN counts
+            if worst is None or share > worst[0]:
+                worst = (share, name, fwd)
+        if worst is None:  # a warm-up (unrolled) step: neither counts nor resets the streak
+            return
+        hit = worst[0] > self.stop_unconverged_share
+        self.unconverged_streak = self.unconverged_streak + 1 if hit else 0
+        self.longest_unconverged_streak = max(self.longest_unconverged_streak, self.unconverged_streak)
+        trip = trainer.strategy.reduce_boolean_decision(self.unconverged_streak >= self.unconverged_patience, all=False)
+        if not trip:
+            return
+        share, name, fwd = worst
+        residual = fwd.residual[torch.isfinite(fwd.residual)]
+        median = f"{float(residual.median()):.3g}" if residual.numel() else "non-finite"
+        msg = (
+            f"DEQMonitor stopped training at step {trainer.global_step} (epoch {trainer.current_epoch}): for "
+            f"{self.unconverged_streak} consecutive training steps more than {self.stop_unconverged_share:.0%} of "
+            f"the samples of DEQ {name!r} ended their forward solve above {self.unconverged_factor:g} x f_tol (last "
+            f"step on this rank: {share:.0%} of the samples, median {fwd.stop_mode} residual {median} against "
+            f"f_tol={fwd.tol:g}, after {fwd.nfe} evaluations). The layer is training on states that are not "
+            "equilibria, so its implicit gradient is not the gradient of the loss. Fix: make the cell contractive "
+            "(weight norm, Jacobian regularisation, a longer DEQWarmup, a lower learning rate), raise f_max_iter or "
+            "use anderson/broyden, or loosen f_tol; DEQMonitor(stop_unconverged_share=None) turns this check off."
+        )
+        if self.on_unconverged == "raise":
+            raise DEQNonConvergenceError(msg)
+        trainer.should_stop = True
+        self.stop_reason = msg
+        rank_zero_warn(msg)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for _, deq in find_deqs(pl_module):
+            if hasattr(deq, "warn_unconverged"):
+                deq.warn_unconverged = False  # this callback reports and acts on non-convergence instead
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -376,6 +485,8 @@ class DEQMonitor(Callback):
             "hist": {k: v.clone() for k, v in self.hist.items()},
             "stop_reason": self.stop_reason,
             "warnings_issued": self.warnings_issued,
+            "unconverged_streak": self.unconverged_streak,
+            "longest_unconverged_streak": self.longest_unconverged_streak,
         }
 
     @override
@@ -388,3 +499,5 @@ class DEQMonitor(Callback):
         self.worst_rel = state_dict["worst_rel"]
         self.hist = {k: v.clone() for k, v in state_dict["hist"].items()}
         self.stop_reason, self.warnings_issued = state_dict["stop_reason"], state_dict["warnings_issued"]
+        self.unconverged_streak = state_dict.get("unconverged_streak", 0)
+        self.longest_unconverged_streak = state_dict.get("longest_unconverged_streak", 0)

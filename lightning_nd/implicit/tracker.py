@@ -140,20 +140,26 @@ class Tracker:
         b = z0.shape[0]
         self.best = z0
         self.best_f: torch.Tensor | None = None
-        inf = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
-        self.best_metric, self.best_abs, self.best_rel = inf, inf, inf
+        self.best_metric = torch.full((b,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_step = torch.zeros(b, dtype=torch.long, device=z0.device)
+        self.dead_step = torch.zeros_like(self.best_step)  # evaluation at which a sample died (0: alive)
         self.active = torch.ones(b, dtype=torch.bool, device=z0.device)
-        self.dead = torch.zeros_like(self.active)
-        self.nonfinite = torch.zeros_like(self.active)
         self.any_dead = False
         self.restart_step = torch.zeros_like(self.best_step)  # evaluation of each sample's last solver restart
         self.stalled = torch.zeros_like(self.active)
         self.any_stalled = False
+        # the stall test runs every `stall_every` evaluations (a restart is due within 1.5 x stall_steps), so its
+        # few small ops are not paid on every evaluation
+        self.stall_every = max(1, stall_steps // 2)
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
-        self.first: torch.Tensor | None = None
+        self.limit: torch.Tensor | None = None  # per sample: DIVERGENCE_FACTOR x the first residual
         self.nfe = 0
+
+    @property
+    def dead(self) -> torch.Tensor:
+        """Per sample: diverged."""
+        return self.dead_step > 0
 
     def guard(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``f`` that evaluates dead samples at their best finite iterate instead of the solver's (maybe NaN) one."""
@@ -173,32 +179,33 @@ class Tracker:
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         metric = abs_res if self.stop_mode == "abs" else rel_res
-        if self.first is None:
-            self.first = abs_res.clone()
-        finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-        newly_dead = self.active & (~finite | (abs_res > DIVERGENCE_FACTOR * (self.first + EPS)))
-        better = self.active & ~newly_dead & (metric < self.best_metric)  # False for NaN: never kept
+        if self.limit is None:  # a non-finite first residual gives a limit nothing passes (the sample dies at once)
+            big = torch.finfo(abs_res.dtype).max
+            self.limit = (DIVERGENCE_FACTOR * (abs_res + EPS)).nan_to_num(nan=-1.0, posinf=big).clamp_max(big)
+        # few small ops per evaluation (they are the overhead on cheap cells): `ok` is False for NaN, inf and an
+        # explosion alike; a live sample below tol is necessarily better than its best (which is >= tol)
+        live = self.active & (abs_res <= self.limit)
+        newly_dead = self.active ^ live
+        better = live & (metric < self.best_metric)
         self.best_metric = torch.where(better, metric, self.best_metric)
-        self.best_abs = torch.where(better, abs_res, self.best_abs)
-        self.best_rel = torch.where(better, rel_res, self.best_rel)
         self.best_step = torch.where(better, self.nfe, self.best_step)
-        self.nonfinite = self.nonfinite | (self.active & ~finite)
-        self.dead = self.dead | newly_dead
-        self.active = self.active & ~newly_dead & ~(self.best_metric < self.tol)
-        checks = [~self.active.any(), better.all(), self.dead.any()]
-        if self.stall_steps:
+        self.dead_step = torch.where(newly_dead, self.nfe, self.dead_step)
+        self.active = live & ~(metric < self.tol)
+        checks = [~self.active.any(), better.all(), newly_dead.any()]
+        check_stall = self.stall_steps > 0 and self.nfe % self.stall_every == 0
+        if check_stall:
             last = torch.maximum(self.best_step, self.restart_step)
             self.stalled = self.active & (self.nfe - last >= self.stall_steps)
             checks.append(self.stalled.any())
         # one host synchronisation per evaluation for the stopping test, the copy-free update and the stall test
-        done, all_better, any_dead, *stalled = torch.stack(checks).tolist()
+        done, all_better, died, *stalled = torch.stack(checks).tolist()
         self.any_stalled = bool(stalled and stalled[0])
         if all_better:
             self.best, self.best_f = z, fz
         else:
             self.best = torch.where(better[:, None], z, self.best)
             self.best_f = fz if self.best_f is None else torch.where(better[:, None], fz, self.best_f)
-        self.any_dead = any_dead
+        self.any_dead = self.any_dead or bool(died)
         return done
 
     def restarted(self, mask: torch.Tensor) -> None:
@@ -206,20 +213,28 @@ class Tracker:
         self.restart_step = torch.where(mask, self.nfe, self.restart_step)
 
     def stats(self, name: str, max_iter: int) -> SolverStats:
+        abs_trace, rel_trace = torch.stack(self.abs_trace, dim=1), torch.stack(self.rel_trace, dim=1)
+        # residuals of the kept iterates, read from the traces once instead of tracked per evaluation
+        kept = self.best_step > 0
+        index = (self.best_step - 1).clamp_min(0)[:, None]
+        inf = torch.full_like(self.best_metric, float("inf"))
+        dead = self.dead
+        # a sample died on a NaN/inf residual (rather than an explosion) if its residual at death is not finite
+        at_death = abs_trace.gather(1, (self.dead_step - 1).clamp_min(0)[:, None])[:, 0]
         return SolverStats(
             solver=name,
             nfe=self.nfe,
             nstep=self.best_step,
-            abs=self.best_abs,
-            rel=self.best_rel,
+            abs=torch.where(kept, abs_trace.gather(1, index)[:, 0], inf),
+            rel=torch.where(kept, rel_trace.gather(1, index)[:, 0], inf),
             converged=self.best_metric < self.tol,
             diverged=self.any_dead,
             tol=self.tol,
             stop_mode=self.stop_mode,
             max_iter=max_iter,
-            abs_trace=torch.stack(self.abs_trace, dim=1),
-            rel_trace=torch.stack(self.rel_trace, dim=1),
+            abs_trace=abs_trace,
+            rel_trace=rel_trace,
             fz=self.best_f,
-            diverged_samples=self.dead,
-            nonfinite_samples=self.nonfinite,
+            diverged_samples=dead,
+            nonfinite_samples=dead & ~torch.isfinite(at_death),
         )

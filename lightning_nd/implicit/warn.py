@@ -33,8 +33,7 @@ def user_stacklevel() -> int:
 
 def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """``warnings.warn`` attributed to the user's line (see :func:`user_stacklevel`)."""
-    # +1: user_stacklevel() counts from this function's caller, and this function adds a frame of its own
-    warnings.warn(message, category, stacklevel=user_stacklevel() + 1)
+    warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 class UnconvergedWarner:

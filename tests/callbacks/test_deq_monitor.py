@@ -7,8 +7,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_nd.callbacks import DEQDivergenceError, DEQMonitor
+from lightning_nd.callbacks.deq_monitor import DEQNonConvergenceError, _exploded
 from lightning_nd.modules import DEQClassifier
-from tests.implicit.helpers import TinyDEQNet, tiny_loaders
+from tests.implicit.helpers import SlowConvCell, TinyDEQNet, tiny_loaders
 
 
 def _fp16_amp():
@@ -175,3 +176,87 @@ def test_persistent_overflow_under_a_loss_scaler_stops_the_run():
     assert trainer.global_step == 3 and monitor.scaler_skips == 3
     with pytest.raises(ValueError, match="max_scaler_skips=-1"):
         DEQMonitor(max_scaler_skips=-1)
+
+
+class _LinearCell(torch.nn.Module):
+    """z <- A z + x with A a self-adjoint conv of spectral radius 1.5: not contractive (issue 23, point 3)."""
+
+    def __init__(self, channels=4, radius=1.5):
+        super().__init__()
+        self.conv = SlowConvCell(channels, radius=radius).conv  # self-adjoint, normalised to the radius
+
+    def forward(self, z, x):
+        return self.conv(z) + x
+
+
+@pytest.mark.parametrize("action", ["stop", "raise"])
+def test_non_contractive_cell_stops_the_run_within_patience(action):
+    # Anderson on the linear radius-1.5 cell ends every solve with relative residuals ~1e-2, 100x f_tol: the run
+    # used to train all its steps on these states with one warning at epoch end. patience 3 of 16 steps.
+    monitor = DEQMonitor(unconverged_patience=3, on_unconverged=action, histogram_every_n_epochs=0)
+    model = DEQClassifier(TinyDEQNet(cell=_LinearCell(), f_tol=1e-4, f_stop_mode="rel"), num_classes=3)
+    train, _ = tiny_loaders()
+    trainer = _trainer([monitor], max_epochs=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the layer's adjoint warnings
+        if action == "raise":
+            with pytest.raises(DEQNonConvergenceError, match=r"for 3 consecutive training steps more than 50%"):
+                trainer.fit(model, train)
+            return
+        with pytest.warns(UserWarning, match=r"DEQMonitor stopped training at step 3 .*3 consecutive training steps"):
+            trainer.fit(model, train)
+    assert trainer.global_step == 3 and monitor.longest_unconverged_streak == 3
+    reason = monitor.stop_reason
+    for part in ("of the samples of DEQ 'net.deq'", "100% of the samples", "median rel residual", "f_tol=0.0001",
+                 "Fix: make the cell contractive", "stop_unconverged_share=None"):
+        assert part in reason, part
+    assert not model.net.deq.warn_unconverged  # the monitor acts instead of the layer's own warning
+
+
+def test_unconverged_streak_needs_consecutive_steps_and_survives_a_checkpoint():
+    monitor = DEQMonitor(unconverged_patience=3, stop_unconverged_share=0.5, histogram_every_n_epochs=0)
+    train, _ = tiny_loaders()
+    # a contractive cell at a reachable tolerance never counts
+    _trainer([monitor], max_epochs=2).fit(_model(), train)
+    assert monitor.longest_unconverged_streak == 0 and monitor.stop_reason is None
+    monitor.unconverged_streak = 2
+    other = DEQMonitor()
+    other.load_state_dict(monitor.state_dict())
+    assert other.unconverged_streak == 2
+    for bad in ({"stop_unconverged_share": 1.0}, {"unconverged_factor": 0.5}, {"unconverged_patience": 0},
+                {"on_unconverged": "warn"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DEQMonitor(**bad)
+
+
+def test_exploded_message_names_the_exploded_residual_not_the_best_iterate():
+    from lightning_nd.implicit import solve
+
+    with torch.no_grad():
+        # f(z) - z = 1 + z^2: plain iteration explodes; the best iterate is z0 with residual ||1|| = 2
+        _, stats = solve("fixed_point", lambda z: z + 1.0 + z**2, torch.zeros(2, 4), tol=1e-6, max_iter=100)
+    message = _exploded(stats)
+    peak = float(stats.abs_trace[torch.isfinite(stats.abs_trace)].max())
+    assert peak > 1e6 * 2.0
+    assert f"reached {peak:.3g}" in message and "kept have abs residual up to 2" in message
+    assert "2 of 2 samples (indices [0, 1])" in message
+
+
+@pytest.mark.fashion_mnist
+def test_shipped_mdeq_config_does_not_trip_the_monitor(repo_root):
+    # configs/implicit/mdeq_tiny_fashion.yaml ends every solve above its rel 2e-2 (6 evaluations): budget-limited,
+    # not failing (residuals at most ~15x f_tol over 300 measured steps). With its warm-up skipped (the untrained
+    # cell is the hardest case) and patience + 10 equilibrium steps at batch 8, the monitor must not stop it.
+    from lightning_nd.cli import create_cli
+
+    cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml", "--trainer.logger=false",
+                      "--trainer.max_steps=60", "--trainer.limit_val_batches=0", "--data.batch_size=8",
+                      "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false"], run=False)
+    callbacks = {type(c).__name__: c for c in cli.trainer.callbacks}
+    monitor, warmup = callbacks["DEQMonitor"], callbacks["DEQWarmup"]
+    assert monitor.stop_unconverged_share == 0.5 and monitor.unconverged_patience == 50  # the shipped defaults
+    warmup.warmup_steps = 0
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 60 and monitor.stop_reason is None
+    assert cli.model.net.deq.last_stats.mode == "equilibrium"  # judged from the first step
+    assert monitor.longest_unconverged_streak < monitor.unconverged_patience

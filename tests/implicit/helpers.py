@@ -56,6 +56,38 @@ class SlowConvCell(nn.Module):
         return torch.tanh(self.conv(z) + x)
 
 
+class GroupNormConvCell(nn.Module):
+    """z <- GN(tanh(conv(z)) + x), GN affine weights in [0.5, 1]: a slowly contracting GroupNorm cell.
+
+    With the defaults of :func:`group_norm_problem` (float64, C=4, 6x6, batch 3) the spectral radii of J_f at z* are
+    about 0.8-0.95 (power method), plain iteration reaches a residual of 2e-15 in 4,000 steps, and Broyden with a
+    27-factor circular buffer (locuslab/mdeq's wrap) hit the protective break at evaluation 131 with tol 1e-10,
+    unconverged (issue 23, point 1).
+    """
+
+    def __init__(self, channels: int = 4, groups: int = 2, scale: float = 2.0, seed: int = 2,
+                 dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, dtype=dtype)
+        self.gn = nn.GroupNorm(groups, channels, dtype=dtype)
+        with torch.no_grad():
+            w = torch.randn(self.conv.weight.shape, generator=gen, dtype=dtype)
+            self.conv.weight.copy_(scale * w / w.norm())
+            self.gn.weight.copy_(0.5 + 0.5 * torch.rand(channels, generator=gen, dtype=dtype))
+            self.gn.bias.copy_(0.1 * torch.randn(channels, generator=gen, dtype=dtype))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.gn(torch.tanh(self.conv(z)) + x)
+
+
+def group_norm_problem(batch: int = 3, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, torch.Tensor]:
+    """The float64 GroupNorm cell of issue 23 (point 1) and its injection (scale 0.7, seed 3)."""
+    cell = GroupNormConvCell(dtype=dtype)
+    x = 0.7 * torch.randn(batch, 4, 6, 6, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    return cell, x
+
+
 def unrolled(cell: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
     """n tracked applications from zero: the long-unrolled reference for gradients."""
     z = torch.zeros_like(x)
