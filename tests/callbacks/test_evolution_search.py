@@ -413,3 +413,23 @@ def test_naswot_search_reads_functional_relus_and_stops_when_it_cannot_rank(tmp_
         fit(frozen(flat), [EvolutionSearch(metric="naswot", naswot_batch_size=12, dirpath=str(tmp_path / "g"),
                                            seed=0, **EA)], tmp_path)
     assert not (tmp_path / "g" / "arch.json").exists()
+
+
+class ShapelessData(ToyData):
+    input_shape = None
+
+
+def test_unknown_input_shape_warns_that_flops_and_params_are_null(tmp_path):
+    search = EvolutionSearch(metric=CountingMetric(), dirpath=str(tmp_path), seed=0, **{**EA, "generations": 1})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, max_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[search], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="flops and params null; pass input_shape"):
+        trainer.fit(frozen(accuracy_net()), datamodule=ShapelessData())
+    best = read(tmp_path / "arch.json")["best"]
+    assert best["flops"] is None and best["params"] is None
+    # given the shape, they are filled (and no warning is needed)
+    shaped = EvolutionSearch(metric=CountingMetric(), dirpath=str(tmp_path / "s"), seed=0, input_shape=(WIDTH,),
+                             **{**EA, "generations": 1})
+    fit(frozen(accuracy_net()), [shaped], tmp_path)
+    assert read(tmp_path / "s" / "arch.json")["best"]["params"] is not None
