@@ -55,8 +55,8 @@ class DEQConfig:
 
     Raises:
         ValueError: for an unknown solver or solver option, ``tol <= 0``, ``max_iter < 1``, an unknown stop mode,
-            backward or mode, ``phantom_steps < 1``, ``phantom_tau`` outside (0, 1], ``unroll_layers < 1`` or
-            ``jac_vecs < 1``; :meth:`build` also for unknown field names.
+            backward or mode, ``phantom_steps < 1``, ``phantom_tau`` outside (0, 1], ``unroll_layers < 1``,
+            ``jac_vecs < 1`` or ``warn_unconverged_every < 0``; :meth:`build` also for unknown field names.
 
     Example::
 

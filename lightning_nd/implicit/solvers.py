@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
@@ -437,13 +438,17 @@ def solve(
 
     def flat_f(v: torch.Tensor) -> torch.Tensor:
         nonlocal out_spec
-        with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
+        if enabled:
+            with torch.autocast(device_type, dtype=ac_dtype, enabled=True):
+                out = f(unflatten(v, spec))
+        else:  # no autocast to restore: no context switch per evaluation (its cost shows on cheap cells)
             out = f(unflatten(v, spec))
         if out_spec is None:
             out_spec = spec_of(out)
         return flatten(out, dtype)
 
-    with torch.autocast(device_type, enabled=False):
+    # the solver's own arithmetic never runs under autocast
+    with torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext():
         # a copy: the solvers may return the start itself (no iterate improved on it), which must not be the caller's
         start = z0_flat.to(dtype, copy=True)
         z, stats = get_solver(name)(flat_f, start, tol=tol, max_iter=max_iter, stop_mode=stop_mode, **options)

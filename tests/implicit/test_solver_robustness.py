@@ -133,6 +133,8 @@ def test_layer_warns_once_per_n_calls_outside_lightning_and_points_at_the_caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet(x)
+    with pytest.raises(ValueError, match="warn_unconverged_every=-1 must be an integer >= 0"):
+        _non_contractive_deq(warn_unconverged_every=-1)
 
 
 def test_adjoint_warning_points_at_the_backward_call():
