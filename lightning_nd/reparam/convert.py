@@ -74,6 +74,8 @@ def _square(value: Any) -> int | None:
 def eligible(conv: nn.Conv2d, block: str) -> dict[str, int] | None:
     """The block geometry for ``conv`` (kernel, stride, padding, dilation, groups), or ``None`` if it cannot become
     a ``block``."""
+    if type(conv) is not nn.Conv2d:  # Conv2dSame pads at run time, MixedConv2d is several convs: fold-only pairs
+        return None
     k, s, d = _square(conv.kernel_size), _square(conv.stride), _square(conv.dilation)
     p = conv.padding
     if p == "same" and s == 1 and k is not None and d is not None:

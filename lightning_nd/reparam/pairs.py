@@ -14,7 +14,9 @@ not ``conv1``'s output; a DenseNet's ``norm1`` sees a concatenation. So the data
 
 A BN is folded only if its forward is the plain normalisation: ``BatchNorm2d``/``SyncBatchNorm`` (timm's
 ``BatchNormAct2d``/``SyncBatchNormAct``: normalisation, then dropout and activation) or a subclass that keeps that
-``forward``; a subclass with its own ``forward`` is left alone whatever its name.
+``forward``; a subclass with its own ``forward`` is left alone whatever its name. Likewise the conv: ``Conv2d`` or
+timm's ``Conv2dSame`` (TF "same" padding of the input), and timm's ``MixedConv2d`` (convs on channel splits,
+concatenated), whose BN folds slice by slice; only plain ``Conv2d`` pairs can become blocks (``convert_model``).
 
 Every BN that is not paired is reported with the reason (:class:`SkippedBN`). The caller replaces the conv by a module
 that includes the BN and the BN by :func:`bn_tail` (the activation and dropout that timm's ``BatchNormAct2d`` applies
@@ -44,7 +46,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["ConvBNPair", "PairSearch", "SkippedBN", "bn_tail", "find_conv_bn_pairs", "foldable_bn", "parameter_users"]
+__all__ = ["ConvBNPair", "PairSearch", "SkippedBN", "bn_tail", "find_conv_bn_pairs", "foldable_bn",
+           "foldable_conv", "parameter_users"]
 
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
              torch.Tensor.device.__get__, torch.Tensor.ndim.__get__, torch.Tensor.requires_grad.__get__}
@@ -62,6 +65,41 @@ def _foldable_forwards() -> frozenset:
     else:
         forwards |= {BatchNormAct2d.forward, SyncBatchNormAct.forward}
     return frozenset(forwards)
+
+
+@functools.cache
+def _conv_kinds() -> tuple[frozenset, tuple[type, ...]]:
+    """Conv ``forward``s that are ``conv2d(x', weight, bias)`` of a linear function x' of the input (timm's TF-"same"
+    padding pads first), and the classes that concatenate such convs along channels (timm ``MixedConv2d``)."""
+    forwards, concat = {nn.Conv2d.forward}, ()
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.mixed_conv2d import MixedConv2d
+    except ImportError:  # timm is optional here
+        pass
+    else:
+        forwards.add(Conv2dSame.forward)
+        concat = (MixedConv2d,)
+    return frozenset(forwards), concat
+
+
+def _is_concat_conv(m: nn.Module) -> bool:
+    """timm ``MixedConv2d`` with its own forward unchanged: split channels, one conv per split, concatenate."""
+    concat = _conv_kinds()[1]
+    return bool(concat) and type(m).forward in {c.forward for c in concat} and isinstance(m, concat)
+
+
+def _is_conv(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Conv2d) or (m is not None and _is_concat_conv(m))
+
+
+def foldable_conv(conv: nn.Module) -> bool:
+    """Whether a BN after ``conv`` folds into its weights: a ``Conv2d`` whose forward is ``Conv2d``'s or timm's
+    ``Conv2dSame``'s (the padding is applied to the input, so the output is still linear in the weights), or a timm
+    ``MixedConv2d`` of such convs (the BN is folded slice by slice)."""
+    if _is_concat_conv(conv):
+        return all(foldable_conv(c) for c in conv.children())
+    return isinstance(conv, nn.Conv2d) and type(conv).forward in _conv_kinds()[0]
 
 
 def foldable_bn(bn: nn.Module) -> bool:
@@ -152,7 +190,7 @@ class _Flow:
 
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, _BatchNorm)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Conv2d, _BatchNorm)) or _is_concat_conv(m) or super().is_leaf_module(m, qualname)
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -176,16 +214,17 @@ def _flow_from_fx(model: nn.Module) -> _Flow:
     modules = dict(model.named_modules())
     flow = _Flow()
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.Conv2d, _BatchNorm)):
+        if node.op != "call_module" or not (_is_conv(modules.get(node.target)) or
+                                            isinstance(modules.get(node.target), _BatchNorm)):
             continue
         path = str(node.target)
         flow.calls[path] += 1
-        if isinstance(modules[path], nn.Conv2d):
+        if _is_conv(modules[path]):
             flow.conv_users[path] += [_describe(u) for u in node.users if not _is_metadata(u)]
             continue
         flow.bn_order.append(path)
         src = node.args[0] if node.args else None
-        if isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), nn.Conv2d):
+        if isinstance(src, torch.fx.Node) and src.op == "call_module" and _is_conv(modules.get(src.target)):
             flow.bn_source[path] = str(src.target)
         else:
             flow.bn_source[path] = repr(_describe(src)) if isinstance(src, torch.fx.Node) else "a constant"
@@ -272,7 +311,7 @@ def _decide(model: nn.Module, flow: _Flow, method: str) -> PairSearch:
         bn, calls = modules[bn_path], flow.calls[bn_path]
         conv_path = flow.bn_source.get(bn_path)
         conv = modules.get(conv_path) if conv_path is not None else None
-        if not isinstance(conv, nn.Conv2d):
+        if not _is_conv(conv):
             conv_path = None
         reason = None
         if calls != 1:
@@ -284,7 +323,7 @@ def _decide(model: nn.Module, flow: _Flow, method: str) -> PairSearch:
         elif flow.conv_users[conv_path] != [bn_path]:
             others = sorted({u for u in flow.conv_users[conv_path] if u != bn_path})
             reason = f"its conv's output also feeds {', '.join(map(repr, others))}"
-        elif type(conv) is not nn.Conv2d:
+        elif not foldable_conv(conv):
             reason = f"its conv is a {type(conv).__name__} (own forward), not a plain Conv2d"
         elif not foldable_bn(bn):
             reason = (f"{type(bn).__module__}.{type(bn).__qualname__} has its own forward (not BatchNorm2d's "

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_nd.reparam.fusion import fold_bn
+from lightning_nd.reparam.fusion import bn_scale_shift, fold_bn, work_dtype
 from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs, parameter_users
 
 __all__ = [
@@ -119,6 +119,22 @@ def _fresh_parameter(value: torch.Tensor, like: torch.Tensor | None, dtype: torc
     return nn.Parameter(out, requires_grad=like.requires_grad)
 
 
+def _folded_convs(conv: nn.Module, bn: _BatchNorm) -> list[tuple[nn.Conv2d, torch.Tensor, torch.Tensor]]:
+    """``(conv, weight, bias)`` with the BN folded, float32: the conv itself, or each conv of a ``MixedConv2d`` with
+    the BN's channel slice (its outputs are concatenated in registration order)."""
+    if isinstance(conv, nn.Conv2d):
+        return [(conv, *fold_bn(conv.weight, bn, conv.bias))]
+    t, shift = bn_scale_shift(bn, work_dtype(next(conv.parameters()).dtype))
+    out, start = [], 0
+    for part in conv.children():
+        s = slice(start, start + part.out_channels)
+        w = part.weight.detach().to(t.dtype) * t[s].reshape(-1, 1, 1, 1)
+        b = shift[s] + (part.bias.detach().to(t.dtype) * t[s] if part.bias is not None else 0)
+        out.append((part, w, b))
+        start = s.stop
+    return out
+
+
 @torch.no_grad()
 def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int, list[SkippedBN], list[str]]:
     """Fold every ``Conv2d -> _BatchNorm`` pair whose dataflow is verified (:mod:`lightning_nd.reparam.pairs`), in place.
@@ -135,10 +151,10 @@ def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int
     """
     found = find_conv_bn_pairs(model, example_input)
     users = parameter_users(model)
+    # (pair, conv, folded weight, folded bias) per conv: one for a Conv2d, one per channel split of a MixedConv2d
     folded: list[tuple[Any, nn.Conv2d, torch.Tensor, torch.Tensor]] = []
     for pair in found.pairs:
-        w, b = fold_bn(pair.conv.weight, pair.bn, pair.conv.bias)
-        folded.append((pair, pair.conv, w, b))
+        folded += [(pair, conv, w, b) for conv, w, b in _folded_convs(pair.conv, pair.bn)]
     # convs by the original tensor they read: a tie survives only if all its users fold to identical values
     groups: dict[int, list[int]] = {}
     for i, (_, conv, _, _) in enumerate(folded):
@@ -168,6 +184,7 @@ def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int
                     broken.append(f"{pair.conv_path}.{name}, shared with {others}: folded into a copy "
                                   "(the other users keep the unfolded tensor)")
             setattr(conv, name, param)
+    for pair in found.pairs:  # once per pair (a MixedConv2d pair has several folded convs)
         tail = bn_tail(pair.bn)
         tail.train(pair.bn.training)
         setattr(pair.bn_parent, pair.bn_name, tail)

@@ -249,3 +249,22 @@ def test_acb_block_fused_stays_channels_last_alone():
     block = ACBlock(4, 4).eval().to(memory_format=torch.channels_last)
     block.reparameterize()
     assert block.reparam_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_timm_conv2d_same_and_mixed_conv_fold_but_do_not_become_blocks():
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.mixed_conv2d import MixedConv2d
+
+    model = nn.Sequential(Conv2dSame(4, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          MixedConv2d(8, 12, [3, 5, 7]), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12))
+    model = randomize_bn(model).eval()
+    x = _x(2, 4, 15, 15)  # odd size: TF "same" padding is asymmetric here
+    with torch.no_grad():
+        y = model(x)
+        fused, stats = reparameterize_with_stats(model, fold_bn=True)
+        assert stats.folded_bn == 3 and stats.unfolded_bn == []
+        assert rel_err(y, fused(x)) <= fold_tol(3)
+        report = convert_model_with_report(model, "acb", preserve=True)
+        assert report.converted == ["6"] and report.ineligible == ["0", "3"]  # the run-time padding / split convs stay
+        assert rel_err(y, model(x)) <= fold_tol(1)

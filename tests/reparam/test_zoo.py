@@ -62,8 +62,8 @@ ZOO = [
     ("timm", "ghostnet_100", 32, 80, "dbb"),
     ("timm", "rexnet_100", 32, 62, "repvgg"),
     ("timm", "dla34", 32, 37, "acb"),
-    # MixedConv2d concatenates its convs, so 34 BNs read a 'cat'; 2 Conv2dSame convs (own forward) are refused
-    ("timm", "tf_mixnet_s", 32, 13, "dbb"),
+    # 34 BNs follow a MixedConv2d (convs on channel splits, concatenated: folded slice by slice), 2 a Conv2dSame
+    ("timm", "tf_mixnet_s", 32, 49, "dbb"),
     ("timm", "repvgg_a0", 32, 44, None),  # every pair is inside a RepVggBlock: its own reparameterize() fuses it
     ("timm", "mobileone_s0", 32, 191, None),
     ("timm", "fastvit_t8", 64, 46, "acb"),  # the ConvMlp conv -> BN pairs outside the re-param blocks convert
