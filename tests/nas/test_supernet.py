@@ -90,7 +90,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no Choice"):
         SupernetModule(torch.nn.Linear(2, 2), num_classes=2)
     with pytest.raises(ValueError, match="unknown search space"):
-        SupernetModule("darts")
+        SupernetModule("no_such_space")
 
 
 @pytest.mark.slow
