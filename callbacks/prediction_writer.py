@@ -29,7 +29,7 @@ class PredictionWriter(BasePredictionWriter):
     The file holds ``{"predictions": ..., "indices": ...}``: the batch outputs concatenated along the first
     dimension when they are tensors (else the list of batch outputs) and the dataset index of every sample. A
     2-D floating output (class probabilities, as ``ImageClassifier.predict_step`` returns) is also written as
-    ``<filename>.csv`` with the columns ``index, prediction, probability``. Under DDP every rank writes its own
+    ``<filename>.csv`` with the columns ``index, class, probability``. Under DDP every rank writes its own
     part, ``<filename>_rank<r>.pt``.
 
     Args:
@@ -75,6 +75,6 @@ def _csv(probabilities: torch.Tensor, indices: list[int]) -> str:
         indices = list(range(len(prediction)))
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["index", "prediction", "probability"])
+    writer.writerow(["index", "class", "probability"])
     writer.writerows(zip(indices, prediction.tolist(), (f"{p:.6g}" for p in best.tolist())))
     return text.getvalue()

@@ -253,7 +253,7 @@ def test_resumed_run_appends_to_its_metrics(tmp_path):
     main(_csv_run(tmp_path, "--trainer.max_epochs=2"))
     run = tmp_path / "run" / "search"
     first = list(csv.DictReader((run / "metrics.csv").open()))
-    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    checkpoint = run / "checkpoints" / "last.ckpt"  # on by default
     main(_csv_run(tmp_path, "--trainer.max_epochs=3", f"--ckpt_path={checkpoint}"))
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert rows[: len(first)] == first  # the earlier rows are kept, unchanged
@@ -266,22 +266,25 @@ def test_predict_writes_predictions_and_says_where(tmp_path, caplog):
 
     main(_csv_run(tmp_path, "--trainer.max_epochs=1"))
     run = tmp_path / "run" / "search"
-    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    checkpoint = run / "checkpoints" / "last.ckpt"  # on by default
     predict = [a for a in _csv_run(tmp_path, f"--ckpt_path={checkpoint}") if "limit_" not in a]
     with caplog.at_level("INFO"):
         main(["predict", *predict[1:], "--trainer.limit_predict_batches=2", "--data.eval_batch_size=16"])
-    saved = torch.load(run / "predictions.pt")
+    out = run / "predict"  # its own folder in the fit's run directory
+    saved = torch.load(out / "predictions.pt")
     assert saved["predictions"].shape == (32, 10) and saved["indices"] == list(range(32))
     assert torch.allclose(saved["predictions"].sum(1), torch.ones(32))  # class probabilities
-    rows = list(csv.DictReader((run / "predictions.csv").open()))
-    assert [int(r["prediction"]) for r in rows] == saved["predictions"].argmax(1).tolist()
-    assert f"written to {(run / 'predictions.pt').resolve()}" in caplog.text
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [int(r["class"]) for r in rows] == saved["predictions"].argmax(1).tolist()
+    assert f"written to {(out / 'predictions.pt').resolve()}" in caplog.text
 
 
-def test_progress_bar_shows_the_whole_version(tmp_path):
+@pytest.mark.parametrize("callbacks", [[], ["--trainer.callbacks+=lightning.pytorch.callbacks.Timer"]])
+def test_progress_bar_shows_the_whole_version(tmp_path, callbacks):
+    """Also when the config lists callbacks (the quickstart's showed v_num=arch: the default bar was kept)."""
     from lightning_nd.utils import VersionProgressBar
 
-    args = [a for a in _csv_run(tmp_path)[1:] if "enable_progress_bar" not in a]
+    args = [a for a in _csv_run(tmp_path, *callbacks)[1:] if "enable_progress_bar" not in a]
     cli = create_cli(args, run=False)  # the CLI replaced Lightning's default bar, which would show "v_num=arch"
     bars = [cb for cb in cli.trainer.callbacks if isinstance(cb, VersionProgressBar)]
     assert len(bars) == 1 and bars[0].get_metrics(cli.trainer, cli.model)["v_num"] == "search"

@@ -80,7 +80,12 @@ def test_reference_run(reference):
 def test_bf16_mixed(tmp_path, reference):
     result = run(tmp_path, precision="bf16-mixed")
     check(result)
-    assert result["paths"] == reference["paths"]  # the path schedule does not depend on precision
+    # The path of step s is drawn from (seed, s) over the alive ops: until the first shrink step (end of epoch 0,
+    # warmup_epochs=1) the space is the same whatever the precision, so the schedule is too. Afterwards it depends on
+    # what was pruned, which depends on bf16's angles (on AVX-512, 1 of 6 edges differed): not compared.
+    steps_per_epoch = len(reference["losses"]) // 3
+    assert result["steps"] == reference["steps"]
+    assert result["paths"][:steps_per_epoch] == reference["paths"][:steps_per_epoch]
     assert all(p.dtype == torch.float32 for p in result["model"].net.parameters())  # fp32 master weights
 
 

@@ -9,6 +9,7 @@ lines). :func:`explain` walks the exception chain to the error our code (or Ligh
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from pathlib import Path
 
@@ -82,3 +83,87 @@ def format_user_error(err: BaseException, prog: str = "lnd") -> str:
     where = f" from {_short_path(frame.filename)}:{frame.lineno}" if frame is not None else ""
     message = str(shown).strip() or repr(shown)
     return f"{prog}: stopped by {type(shown).__name__}{where} ({TRACEBACK_ENV}=1 prints the traceback)\n{message}"
+
+
+# ---------------------------------------------------------------- argument parser errors
+_NOT_ACCEPTED = re.compile(
+    r"""class_path '(?P<cls>[\w.]+)'.*?(?:Option|Key) ["'](?P<key>[\w.]+)["'] is not (?:accepted|expected)""", re.S
+)
+
+
+def _config_files(args: list[str]) -> list[Path]:
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return files
+
+
+def _yaml_error(args: list[str]) -> str | None:
+    """The first ``-c`` file with a YAML syntax error, as cause (file, line, column, problem) and fix."""
+    import yaml
+
+    for path in _config_files(args):
+        try:
+            yaml.safe_load(path.read_text())
+        except OSError:
+            continue
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return (f"{path}: YAML syntax error{where}: {problem}\n"
+                    f"Fix the YAML at {path}{line} (indentation, a missing ':' or an unclosed bracket or quote)")
+    return None
+
+
+def _allowed_arguments(class_path: str) -> list[str] | None:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(cls).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def explain_parser_error(message: str, args: list[str] | None = None, subcommand: str | None = None) -> str:
+    """Cause and fix (two lines) for a jsonargparse error message, which repeats whole config blocks.
+
+    Handles an unknown argument of a class given by ``class_path`` (at any depth: names the class, the key, the
+    accepted keys and the closest one) and YAML syntax errors in ``-c`` files (file and line); any other message
+    keeps its first line and the innermost reason.
+    """
+    import difflib
+
+    args = list(args or [])
+    help_hint = f"lnd {subcommand} --help" if subcommand else "lnd --help"
+    if "Problems parsing config" in message or "<unicode string>" in message:
+        found = _yaml_error(args)
+        if found is not None:
+            return found
+    unknown = list(_NOT_ACCEPTED.finditer(message))
+    if unknown:
+        cls, key = unknown[-1].group("cls"), unknown[-1].group("key").rsplit(".", 1)[-1]
+        parser_key = re.search(r'Parser key "([^"]+)"', message)
+        under = f" (in {parser_key.group(1)})" if parser_key else ""
+        allowed = _allowed_arguments(cls)
+        if allowed is not None:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return (f"{cls} has no argument '{key}'{under}\n"
+                    f"{hint}{cls.rsplit('.', 1)[-1]} takes: {', '.join(allowed)}")
+        return f"{cls} does not accept '{key}'{under}\nSee its arguments with: {help_hint}"
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Given value", "Subtypes:", "Errors:", "- a ", "Subclass"))]
+    cause = lines[0] if lines else message.strip()
+    detail = lines[-1].lstrip("- ") if len(lines) > 1 else ""
+    if detail and detail not in cause:
+        cause = f"{cause} {detail}"
+    return f"{cause}\nSee the accepted options with: {help_hint}"

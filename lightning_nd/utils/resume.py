@@ -27,8 +27,15 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+RESUMED_FROM_BATCH = "resumed_from_batch"
+
+
 class KeepMetricsOnResume(Callback):
     """Keep the ``metrics.csv`` rows of the run being resumed (rows with ``step`` below the restored global step).
+
+    A run resumed from a mid-epoch checkpoint (``lnd`` saves one on SIGTERM/Ctrl-C) also logs
+    ``resumed_from_batch`` (the batch the epoch resumed at) with that epoch's metrics: its epoch means cover only
+    the batches from there on.
 
     Create it before ``trainer.fit(..., ckpt_path=...)`` starts (the logger deletes the file when fit opens it).
     Only global rank zero writes; no collectives.
@@ -44,6 +51,7 @@ class KeepMetricsOnResume(Callback):
     """
 
     def __init__(self, loggers: list[Logger]) -> None:
+        self._resumed_at = 0
         self._earlier: dict[str, tuple[list[str], list[dict[str, str]]]] = {}
         for logger in loggers:
             if isinstance(logger, CSVLogger):
@@ -52,7 +60,17 @@ class KeepMetricsOnResume(Callback):
                     self._earlier[str(path)] = _read_rows(path)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resumed_at:
+            pl_module.log(RESUMED_FROM_BATCH, float(self._resumed_at), on_step=False, on_epoch=True)
+            self._resumed_at = 0
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the restore (a mid-epoch restart calls no on_train_epoch_start): a checkpoint taken mid-epoch (e.g. on
+        # SIGTERM) resumes at this batch, and the epoch's means cover only the batches from here on.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        self._resumed_at = done if 0 < done < trainer.num_training_batches else 0
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
