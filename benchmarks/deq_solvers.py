@@ -33,11 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deq_torchdeq import Cell as MDEQLikeCell  # noqa: E402  (deq.md section 2; the same weights per seed)
 from results_io import RESULTS_DIR, _atomic_write, write_results  # noqa: E402
 
 from lightning_nd.implicit import solve  # noqa: E402
@@ -48,20 +48,6 @@ from tests.implicit.helpers import ConvCell, SlowConvCell, group_norm_problem  #
 
 OLD_COMMIT = "6fc0d19"  # solvers before issue 23
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class MDEQLikeCell(nn.Module):
-    """deq.md section 2: z <- GN(ReLU(z + GN(conv(ReLU(GN(conv(z))))) + x)) (benchmarks/deq_torchdeq.py's cell)."""
-
-    def __init__(self, c: int = 16, groups: int = 4) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.gn1, self.gn2, self.gn3 = nn.GroupNorm(groups, c), nn.GroupNorm(groups, c), nn.GroupNorm(groups, c)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(z)))))
-        return self.gn3(torch.relu(z + y + x))
 
 
 def _linear(rho: float, dtype: torch.dtype, d: int = 64, b: int = 8) -> tuple[FlatFn, torch.Tensor]:
