@@ -257,7 +257,7 @@ def _span(values: list[float], fmt: str, unit: str = "") -> str:
     return f"{format(mean, fmt)}{unit} ({format(min(values), fmt)}{unit} to {format(max(values), fmt)}{unit})"
 
 
-def summary(per_seed: dict[int, tuple[dict, float]], steps: int) -> list[str]:
+def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -> list[str]:
     """Mean (min to max) over seeds of every neck's ratios and mAP, against the FPN and the previous defaults."""
     seeds = sorted(per_seed)
     necks = list(dict.fromkeys(n for s in seeds for n in per_seed[s][0]))
@@ -280,7 +280,7 @@ def summary(per_seed: dict[int, tuple[dict, float]], steps: int) -> list[str]:
         }
         out.append(f"| {neck} | {cell['map']} | {cell['fpn']} | {cell['prev']} | {cell['step']} | {cell['eval']} "
                    f"| {cell['nfe']} |")
-    out += ["", f"mAP after {steps} steps on 200 images varies by several points between seeds and between "
+    out += ["", f"mAP after {steps} steps on {num_val} images varies by several points between seeds and between "
             "settings of one seed, so a difference of a few points between two necks is not a measured effect; "
             "the ratios of step times are consistent from seed to seed."]
     return out
@@ -331,7 +331,9 @@ def main() -> None:
         for path in args.merge:
             per_seed.update({int(k): tuple(v) for k, v in json.loads(Path(path).read_text()).items()})
         args.seeds = sorted(per_seed)
-        command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps} --necks {args.necks} --seeds "
+        given = "".join(f" --{flag} {value}" for flag, value, default in (
+            ("num-val", args.num_val, 200), ("diag-every", args.diag_every, 250)) if value != default)
+        command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps}{given} --necks {args.necks} --seeds "
                    f"{' '.join(map(str, args.seeds))}")
         lines[2] = (f"`{command}` (seeds run in one or more processes, each writing --raw, and merged with "
                     "--merge)")
@@ -349,7 +351,7 @@ def main() -> None:
             if neck != "fpn" and "fpn" in rows:
                 ratios.setdefault(neck, []).append(r["step_s"] / rows["fpn"]["step_s"])
                 maps.setdefault(neck, []).append(r["map"] - rows["fpn"]["map"])
-    lines += ["", *summary(per_seed, args.steps)]
+    lines += ["", *summary(per_seed, args.steps, args.num_val)]
     glance = []
     for neck in GLANCE_NECKS:
         if neck not in ratios:
