@@ -13,8 +13,9 @@ pseudo-weights, identical in v0 and v: an average pool of size k is a constant `
 Paths are evaluated for many architectures at once: gather the per-(decision, op) statistics with an
 ``(n, decisions)`` index array, weight by the multiplicities and sum.
 
-Which weights form v is the *angle vector*: :data:`ANGLE_PRESETS` holds the official ones (``rlnas_nb201`` =
-``abs_nb201``, ``rlnas_mobilenet``, ``abs_mobilenet``; each equals a port of the official code to 1e-6 rad in
+Which weights form v is the *angle vector*: :data:`ANGLE_PRESETS` holds the official ones (``rlnas_nb201``,
+``abs_nb201``: the same weights, they differ only on disconnected cells; ``rlnas_mobilenet``, ``abs_mobilenet``,
+``rlnas_darts``; each equals a port of the official code to 1e-6 rad in
 ``tests/nas/test_angle.py``), :class:`AngleVector` custom ones; ``cells_only`` drops the fixed layers. Paths without
 any searchable weight are degenerate: see :class:`AngleStats`.
 
@@ -92,12 +93,16 @@ class AngleVector:
     # class names of candidate ops whose norm *bias* the official vector replaces by the norm weight (so the weight
     # counts twice, the bias never): RLNAS-DARTS ``get_arch_vector`` reads ``op[3].weight`` for a dil conv's bias
     op_norm_bias_as_weight: tuple[str, ...] = ()
+    # a path whose every route is cut by ``none``: angle 0 (RLNAS ``weight_angle.py``) or, as ABS's code simply
+    # leaves the cut routes out, the angle of the fixed layers alone
+    disconnected: Literal["zero", "fixed"] = "zero"
 
 
 # The official vectors. NB201 (ABS ``exps/angle/weight_angle.py``, RLNAS ``exps/algos/weight_angle.py``, the same
 # code): stem conv + stem BN, the reduction blocks' convs and BNs, last BN, classifier weight and bias, and per cell
 # path the conv weights of its ops (cells have affine-free BN); pool = 1/9 kernel, skip = nothing, none drops the
-# path, and a cell whose every path holds ``none`` has angle 0. MobileNet (ABS ``SPOS/shrinking/shrinking.py``
+# path; a cell whose every path holds ``none`` has angle 0 in RLNAS's copy, the fixed layers' angle in ABS's (which
+# only skips the cut paths: ``abs_nb201`` keeps that). MobileNet (ABS ``SPOS/shrinking/shrinking.py``
 # ``get_arch_vector``; RLNAS ``evolution_search/test_server.py``): stem conv, the first MBConv's two convs, the last
 # 1x1 conv and the classifier weight (no bias, no BN), plus the three convs of each chosen MBConv; RLNAS adds the
 # weight and bias of the first two BNs of each chosen op and an ``eye(out, in)`` for identity layers. DARTS (RLNAS
@@ -107,7 +112,7 @@ class AngleVector:
 # unchosen edge dropped; the space's ``angle_multiplicity`` counts the routes. A supernet with ``affine=True`` (as
 # RLNAS's) is needed for the BN parts.
 ANGLE_PRESETS: dict[str, AngleVector] = {
-    "abs_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
+    "abs_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True, disconnected="fixed"),
     "rlnas_nb201": AngleVector(fixed_norm_affine=True, fixed_bias=True),
     "abs_mobilenet": AngleVector(),
     "rlnas_mobilenet": AngleVector(op_norm_affine=2, identity="eye"),
@@ -195,6 +200,7 @@ class AngleLayout:
     multiplicity: Callable[[np.ndarray], np.ndarray] | None  # the space's angle_multiplicity, if any
     cells_only: bool = False  # the fixed part is left out of every path vector
     scale: np.ndarray | None = None  # per name: how often the parameter appears in the vector (default once)
+    disconnected: Literal["zero", "fixed"] = "zero"  # angle of a path cut everywhere by none (AngleVector)
 
     @classmethod
     def build(
@@ -243,7 +249,7 @@ class AngleLayout:
         multiplicity = getattr(net, "angle_multiplicity", None)
         return cls(
             names, block_of, offsets, const, found, multiplicity if callable(multiplicity) else None, vector.cells_only,
-            scale,
+            scale, vector.disconnected,
         )
 
 
@@ -267,8 +273,8 @@ class AngleStats:
 
     Degenerate paths. A path whose vector holds no searchable weight, i.e. every input->output route is cut by
     ``none`` (*disconnected*) or carries only parameter-free ops (skip, pooling: *weight-free*), is not ranked by
-    how its weights moved: its official angle is 0 (disconnected, RLNAS/ABS-NB201) or the angle of the fixed
-    layers alone, identical for all such paths, which is what made the quickstart pick a pooling-only cell. With
+    how its weights moved: its official angle is 0 (disconnected, RLNAS-NB201) or the angle of the fixed
+    layers alone (disconnected under ABS-NB201, and weight-free), identical for all such paths, which is what made the quickstart pick a pooling-only cell. With
     ``weight_free="zero"`` (the :class:`~lightning_nd.callbacks.AngleTracker` default) both kinds get angle 0, the
     smallest possible, so they rank last in shrinking and search; ``"official"`` keeps the official values.
 
@@ -319,7 +325,8 @@ class AngleStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             cos = np.where(denom > 0, totals[:, 0] / denom, 1.0)
         cos = np.clip(cos, -1.0, 1.0)
-        cos[mult.sum(axis=1) == 0] = 1.0  # every route dropped by none: 0 in the official code
+        if self.layout.disconnected == "zero":  # every route dropped by none: 0 in RLNAS's code
+            cos[mult.sum(axis=1) == 0] = 1.0
         if weight_free == "zero":
             cos[self.weight_free(archs)] = 1.0
         elif weight_free != "official":

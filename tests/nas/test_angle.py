@@ -11,7 +11,8 @@ from torch import nn
 from lightning_nd.callbacks import AngleTracker
 from lightning_nd.nas import AngleLayout, AngleStats, Choice, build_space
 from lightning_nd.nas.angle import ANGLE_PRESETS, angle_vector, tracked_parameters
-from lightning_nd.nas.spaces.nb201 import NB201_OPS
+from lightning_nd.nas.bench import is_connected
+from lightning_nd.nas.spaces.nb201 import NB201_OPS, arch_to_str
 
 
 def conv_bn(c):
@@ -100,9 +101,11 @@ def _cos_angle(v0, v):
     return torch.acos(torch.clamp(torch.dot(a, b) / (a.norm() * b.norm()), -1, 1)).item()
 
 
-def official_nb201(init, cur, net, arch, cells_only=False):
-    """Port of ``get_arch_angle`` (RLNAS ``nas_bench_201/exps/algos/weight_angle.py`` = ABS ``exps/angle``), with
-    the official parameter names mapped to ours (``op.1`` -> ``1``, ``edges.j<-i.k`` -> ``edges.j<-i.candidates.k``)."""
+def official_nb201(init, cur, net, arch, cells_only=False, abs_code=False):
+    """Port of ``get_arch_angle`` (RLNAS ``nas_bench_201/exps/algos/weight_angle.py``; with ``abs_code`` ABS
+    ``NAS-Bench-201/exps/angle/weight_angle.py``, which lacks RLNAS's "every path holds none -> 0" rule and so returns
+    the fixed layers' angle for a disconnected cell), with the official parameter names mapped to ours (``op.1`` ->
+    ``1``, ``edges.j<-i.k`` -> ``edges.j<-i.candidates.k``)."""
     cells = [k for k, c in enumerate(net.cells) if hasattr(c, "edges")]
     fixed_cells = [k for k, c in enumerate(net.cells) if not hasattr(c, "edges")]
     head = ["stem.0.weight", "stem.1.weight", "stem.1.bias"]
@@ -139,7 +142,7 @@ def official_nb201(init, cur, net, arch, cells_only=False):
                     break
                 continue
             v0.append(torch.cat(p0)), v.append(torch.cat(p))
-    if none_paths == 4 or not v:
+    if (none_paths == 4 and not abs_code) or not v:
         return 0.0
     return _cos_angle(v0, v)
 
@@ -177,10 +180,17 @@ def test_nb201_presets_match_the_official_code(preset, cells_only):
     tracker.compute_statistics(net)
     rng = np.random.default_rng(0)
     archs = rng.integers(0, 5, size=(150, 6)).tolist() + [[0] * 6, [1, 0, 0, 0, 0, 0], [4, 0, 0, 4, 0, 0]]
+    archs += [[2, 3, 1, 0, 0, 0], [0, 3, 4, 0, 2, 0]]  # disconnected, with weights on the cut edges
     fast = tracker.path_angles(archs)
-    official = np.array([official_nb201(init, cur, net, a, cells_only) for a in archs])
+    official = np.array([official_nb201(init, cur, net, a, cells_only, preset == "abs_nb201") for a in archs])
     assert np.abs(fast - official).max() <= 1e-6
     assert fast.std() > 1e-3
+    disconnected = [a for a in archs if not is_connected(arch_to_str(a))]
+    if preset == "abs_nb201" and not cells_only:  # ABS: the fixed layers' angle, the same for every cut cell
+        assert len(disconnected) > 3 and np.ptp(tracker.path_angles(disconnected)) < 1e-12
+        assert tracker.path_angles(disconnected).min() > 1e-3
+    else:
+        assert (tracker.path_angles(disconnected) == 0).all()
 
 
 @pytest.mark.parametrize("preset", ["rlnas_mobilenet", "abs_mobilenet"])
