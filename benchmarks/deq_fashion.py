@@ -106,6 +106,10 @@ add_recipe("wide", "MDEQ-tiny with a wider cell at the same size (channels 16 / 
 add_recipe("wide_b4", "the wide recipe with the adjoint (backward) solve capped at 4 evaluations instead of 5.",
            base="wide", b_max_iter=4)
 CONFIG_RECIPE = "wide_b4"
+# issue 22 candidate: a tiny DEQ trained with Jacobian regularisation on every step reaches its tolerance within the
+# training cap and keeps its accuracy at larger test-time caps (tests/implicit/test_equilibrium_caps.py)
+add_recipe("wide_b4_jr", "the wide_b4 recipe with Jacobian regularisation (weight 0.4) on every step instead of 10 %.",
+           base="wide_b4", jac=JacobianSchedule(weight=0.4, prob=1.0, cap_jitter=2, seed=0))
 
 
 EVAL_CAPS = (3, 4, 5, 6, 8, 12, 16)  # forward caps at test time swept on the final models (issue 22: up to 16)
