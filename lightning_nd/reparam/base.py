@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_nd.reparam.fusion import fold_bn
+from lightning_nd.reparam.fusion import fold_bn, memory_format_of
 
 ActLayer = Callable[[], nn.Module]
 
@@ -176,8 +176,7 @@ class ReparamBlock(nn.Module, metaclass=ABCMeta):
         ref = next(p for p in self.parameters())
         conv = self._deploy_conv(device=ref.device, dtype=ref.dtype)
         kernel_ref = next((p for p in self.parameters() if p.dim() == 4), ref)
-        if kernel_ref.is_contiguous(memory_format=torch.channels_last) and not kernel_ref.is_contiguous():
-            conv.to(memory_format=torch.channels_last)  # a channels-last block gives a channels-last deploy conv
+        conv.to(memory_format=memory_format_of(kernel_ref))  # a channels-last block gives a channels-last deploy conv
         conv.weight.copy_(kernel.to(ref.dtype))
         conv.bias.copy_(bias.to(ref.dtype))
         conv.train(self.training)

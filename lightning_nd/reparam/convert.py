@@ -44,6 +44,7 @@ from torch import nn
 
 from lightning_nd.reparam.acb import ACBlock
 from lightning_nd.reparam.dbb import DiverseBranchBlock
+from lightning_nd.reparam.fusion import memory_format_of
 from lightning_nd.reparam.pairs import SkippedBN, bn_tail, find_conv_bn_pairs, parameter_users
 from lightning_nd.reparam.protocol import METHODS, protocol_method
 from lightning_nd.reparam.repvgg_block import RepVGGBlock
@@ -54,7 +55,6 @@ __all__ = [
     "convert_model",
     "convert_model_with_report",
     "eligible",
-    "memory_format_of",
     "self_reparameterizing",
 ]
 
@@ -91,13 +91,6 @@ def eligible(conv: nn.Conv2d, block: str) -> dict[str, int] | None:
     if block != "dbb":
         geometry["dilation"] = d
     return geometry
-
-
-def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
-    """``channels_last`` for a 4-D weight stored channels-last (and not also plain contiguous), else contiguous."""
-    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _shared(users: dict[int, list], module: nn.Module, tensor: torch.Tensor | None) -> list[str]:
@@ -145,6 +138,7 @@ def _untieable(users: dict[int, list], conv: nn.Conv2d, bn: nn.Module) -> str | 
         return (f"the conv bias is tied to {', '.join(_shared(users, conv, conv.bias))}: it would be absorbed into "
                 "the block's BN mean, untying it")
     return None
+
 
 @dataclass
 class Conversion:

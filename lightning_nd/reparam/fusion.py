@@ -39,6 +39,7 @@ __all__ = [
     "fold_bn",
     "fuse_conv_bn",
     "identity_kernel",
+    "memory_format_of",
     "merge_1x1_kxk",
     "work_dtype",
 ]
@@ -47,6 +48,13 @@ __all__ = [
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype fusion arithmetic runs in: float64 stays, everything else becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D weight stored channels-last (and not also plain contiguous), else contiguous."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _check_bn(bn: nn.Module) -> None:
