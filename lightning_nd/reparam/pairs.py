@@ -54,39 +54,29 @@ _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, to
 _METADATA_FX = {"size", "dim", "shape", "dtype", "device", "ndim"}
 
 
+# timm (a dependency) is imported on first use, as elsewhere in the package, to keep `import lightning_nd` light
 @functools.cache
 def _foldable_forwards() -> frozenset:
     """The ``forward`` functions that normalise with running statistics (then, for timm, dropout + activation)."""
-    forwards = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward}
-    try:
-        from timm.layers import BatchNormAct2d, SyncBatchNormAct
-    except ImportError:  # timm is optional here
-        pass
-    else:
-        forwards |= {BatchNormAct2d.forward, SyncBatchNormAct.forward}
-    return frozenset(forwards)
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    return frozenset({nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, BatchNormAct2d.forward, SyncBatchNormAct.forward})
 
 
 @functools.cache
-def _conv_kinds() -> tuple[frozenset, tuple[type, ...]]:
+def _conv_forwards() -> frozenset:
     """Conv ``forward``s that are ``conv2d(x', weight, bias)`` of a linear function x' of the input (timm's TF-"same"
-    padding pads first), and the classes that concatenate such convs along channels (timm ``MixedConv2d``)."""
-    forwards, concat = {nn.Conv2d.forward}, ()
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-        from timm.layers.mixed_conv2d import MixedConv2d
-    except ImportError:  # timm is optional here
-        pass
-    else:
-        forwards.add(Conv2dSame.forward)
-        concat = (MixedConv2d,)
-    return frozenset(forwards), concat
+    padding pads first)."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return frozenset({nn.Conv2d.forward, Conv2dSame.forward})
 
 
 def _is_concat_conv(m: nn.Module) -> bool:
     """timm ``MixedConv2d`` with its own forward unchanged: split channels, one conv per split, concatenate."""
-    concat = _conv_kinds()[1]
-    return bool(concat) and type(m).forward in {c.forward for c in concat} and isinstance(m, concat)
+    from timm.layers.mixed_conv2d import MixedConv2d
+
+    return isinstance(m, MixedConv2d) and type(m).forward is MixedConv2d.forward
 
 
 def _is_conv(m: nn.Module | None) -> bool:
@@ -99,7 +89,7 @@ def foldable_conv(conv: nn.Module) -> bool:
     ``MixedConv2d`` of such convs (the BN is folded slice by slice)."""
     if _is_concat_conv(conv):
         return all(foldable_conv(c) for c in conv.children())
-    return isinstance(conv, nn.Conv2d) and type(conv).forward in _conv_kinds()[0]
+    return isinstance(conv, nn.Conv2d) and type(conv).forward in _conv_forwards()
 
 
 def foldable_bn(bn: nn.Module) -> bool:
