@@ -163,27 +163,28 @@ def fold_conv_bn_pairs(model: nn.Module, example_input: Any = None) -> tuple[int
             if tensor is not None:
                 groups.setdefault(id(tensor), []).append(i)
     broken: list[str] = []
-    new_params: dict[tuple[int, str], nn.Parameter] = {}
-    for i, (pair, conv, w, b) in enumerate(folded):
+    kept_ties: dict[tuple[int, str], nn.Parameter] = {}
+    for pair, conv, w, b in folded:
         for name, value in (("weight", w), ("bias", b)):
             old = getattr(conv, name)
-            key = id(old) if old is not None else None
-            shared = [u for u in users.get(key, []) if u[0] is not conv] if key is not None else []
-            members = groups.get(key, [i]) if key is not None else [i]
-            same = all(torch.equal((folded[j][2] if name == "weight" else folded[j][3]), value) for j in members)
-            convs = {id(folded[j][1]) for j in members}
-            every_user_folded = all(id(u[0]) in convs for u in shared)
-            if shared and every_user_folded and same and (key, name) in new_params:
-                param = new_params[(key, name)]  # the tie is kept: every user folds to the same tensor
-            else:
-                param = _fresh_parameter(value, old, conv.weight.dtype)
-                if shared and every_user_folded and same:
-                    new_params[(key, name)] = param
-                elif shared:
-                    others = ", ".join(sorted({u[1] for u in shared}))
-                    broken.append(f"{pair.conv_path}.{name}, shared with {others}: folded into a copy "
-                                  "(the other users keep the unfolded tensor)")
-            setattr(conv, name, param)
+            shared = [u for u in users.get(id(old), []) if u[0] is not conv] if old is not None else []
+            if not shared:
+                setattr(conv, name, _fresh_parameter(value, old, conv.weight.dtype))
+                continue
+            members = groups[id(old)]
+            folded_convs = {id(folded[j][1]) for j in members}
+            keep = all(id(u[0]) in folded_convs for u in shared) and all(
+                torch.equal(folded[j][2] if name == "weight" else folded[j][3], value) for j in members
+            )
+            if keep:  # every user folds to the same tensor: they share the folded one
+                if (id(old), name) not in kept_ties:
+                    kept_ties[(id(old), name)] = _fresh_parameter(value, old, conv.weight.dtype)
+                setattr(conv, name, kept_ties[(id(old), name)])
+                continue
+            others = ", ".join(sorted({u[1] for u in shared}))
+            broken.append(f"{pair.conv_path}.{name}, shared with {others}: folded into a copy "
+                          "(the other users keep the unfolded tensor)")
+            setattr(conv, name, _fresh_parameter(value, old, conv.weight.dtype))
     for pair in found.pairs:  # once per pair (a MixedConv2d pair has several folded convs)
         tail = bn_tail(pair.bn)
         tail.train(pair.bn.training)
