@@ -91,7 +91,7 @@ def _hist_steps(values: torch.Tensor) -> torch.Tensor:
 def _exploded(stats: Any) -> str:
     """What blew up: the samples, the residual they reached (not the best iterate's), and the best iterates'."""
     trace = stats.abs_trace
-    bad = stats.diverged_samples if stats.diverged_samples is not None else ~torch.isfinite(stats.abs)
+    bad = stats.diverged_samples
     rows = trace[bad] if bool(bad.any()) else trace
     finite = rows[torch.isfinite(rows)]
     nonfinite = int((~torch.isfinite(rows)).any(dim=1).sum())
@@ -302,9 +302,8 @@ class DEQMonitor(Callback):
             if not self._trip(trainer, reason):
                 return
         optimizer.zero_grad(set_to_none=True)  # parameters without gradients are skipped: no NaN reaches the weights
-        trainer.should_stop = True
-        self.stop_reason, self._pending = self._pending, None
-        rank_zero_warn(self.stop_reason)
+        self._stop(trainer, self._pending)
+        self._pending = None
 
     # ----------------------------------------------------------------- training statistics
     @override
@@ -316,6 +315,7 @@ class DEQMonitor(Callback):
             return
         metrics: dict[str, float] = {}
         solved = unconverged = bwd_seen = bwd_unconverged = False
+        worst: tuple[float, str, Any] | None = None  # the DEQ with the largest share far above f_tol
         for name, deq in deqs:
             fwd, bwd = deq.last_stats.forward, deq.last_stats.backward
             prefix = self._prefix(name, len(deqs))
@@ -326,6 +326,9 @@ class DEQMonitor(Callback):
                 self.worst_rel = max(self.worst_rel, float(fwd.rel.max()))
                 self._add_hist("fwd_rel", _hist_rel(fwd.rel))
                 self._add_hist("fwd_steps", _hist_steps(fwd.nstep))
+                if self.stop_unconverged_share is not None:
+                    share = float((~(fwd.residual <= self.unconverged_factor * fwd.tol)).float().mean())  # NaN counts
+                    worst = worst if worst is not None and worst[0] >= share else (share, name, fwd)
             if bwd is not None:
                 bwd_seen = True
                 bwd_unconverged |= not bool(bwd.converged.all())
@@ -340,35 +343,22 @@ class DEQMonitor(Callback):
         self.bwd_unconverged += int(bwd_unconverged)
         if batch_idx % self.log_every_n_steps == 0:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._check_unconverged(trainer, deqs)
+        if worst is not None:  # a warm-up (unrolled) step neither counts nor resets the streak
+            self._check_unconverged(trainer, *worst)
 
-    def _check_unconverged(self, trainer: pl.Trainer, deqs: list[tuple[str, Any]]) -> None:
+    def _check_unconverged(self, trainer: pl.Trainer, share: float, name: str, fwd: Any) -> None:
         """Count consecutive steps with most samples far above f_tol; stop or raise after ``unconverged_patience``."""
-        if self.stop_unconverged_share is None:
-            return
-        worst: tuple[float, str, Any] | None = None
-        for name, deq in deqs:
-            if deq.last_stats.mode != "equilibrium":
-                continue
-            fwd = deq.last_stats.forward
-            share = float((~(fwd.residual <= self.unconverged_factor * fwd.tol)).float().mean())  # NaN counts
-            if worst is None or share > worst[0]:
-                worst = (share, name, fwd)
-        if worst is None:  # a warm-up (unrolled) step: neither counts nor resets the streak
-            return
-        hit = worst[0] > self.stop_unconverged_share
-        self.unconverged_streak = self.unconverged_streak + 1 if hit else 0
+        self.unconverged_streak = self.unconverged_streak + 1 if share > self.stop_unconverged_share else 0
         self.longest_unconverged_streak = max(self.longest_unconverged_streak, self.unconverged_streak)
-        trip = trainer.strategy.reduce_boolean_decision(self.unconverged_streak >= self.unconverged_patience, all=False)
-        if not trip:
+        here = self.unconverged_streak >= self.unconverged_patience
+        if not trainer.strategy.reduce_boolean_decision(here, all=False):
             return
-        share, name, fwd = worst
         residual = fwd.residual[torch.isfinite(fwd.residual)]
         median = f"{float(residual.median()):.3g}" if residual.numel() else "non-finite"
         msg = (
             f"DEQMonitor stopped training at step {trainer.global_step} (epoch {trainer.current_epoch}): for "
-            f"{self.unconverged_streak} consecutive training steps more than {self.stop_unconverged_share:.0%} of "
-            f"the samples of DEQ {name!r} ended their forward solve above {self.unconverged_factor:g} x f_tol (last "
+            f"{self.unconverged_patience} consecutive training steps{'' if here else ' (on another rank)'} more "
+            f"than {self.stop_unconverged_share:.0%} of the samples of DEQ {name!r} ended their forward solve above {self.unconverged_factor:g} x f_tol (last "
             f"step on this rank: {share:.0%} of the samples, median {fwd.stop_mode} residual {median} against "
             f"f_tol={fwd.tol:g}, after {fwd.nfe} evaluations). The layer is training on states that are not "
             "equilibria, so its implicit gradient is not the gradient of the loss. Fix: make the cell contractive "
@@ -377,9 +367,12 @@ class DEQMonitor(Callback):
         )
         if self.on_unconverged == "raise":
             raise DEQNonConvergenceError(msg)
+        self._stop(trainer, msg)
+
+    def _stop(self, trainer: pl.Trainer, reason: str) -> None:
         trainer.should_stop = True
-        self.stop_reason = msg
-        rank_zero_warn(msg)
+        self.stop_reason = reason
+        rank_zero_warn(reason)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
