@@ -281,7 +281,8 @@ def broyden(
     grows with the cap, locuslab/deq#28). When the memory is full the estimate **restarts** from ``-I`` (restarted
     Broyden). locuslab/mdeq instead overwrites the oldest factor in a circular buffer, but each factor was built on
     all the earlier ones, so the remaining product is no secant approximation at all: past the wrap the steps can go
-    anywhere (a float64 GroupNorm cell diverged at evaluation 52 with memory 27, tests/implicit/test_solver_robustness.py).
+    anywhere (with memory 27 the float64 GroupNorm cell of tests/implicit/test_solver_robustness.py hits the
+    protective break at evaluation 131, the one of issue 23 at 52).
     """
     if isinstance(memory, bool) or not (isinstance(memory, int) and memory >= 1):
         raise ValueError(f"broyden memory={memory!r} must be an integer >= 1")

@@ -52,7 +52,7 @@ class UnconvergedWarner:
     Example::
 
         warner = UnconvergedWarner(every=100)
-        warner.note(stats, solver="anderson")   # after each forward solve
+        warner.note(stats.converged, stats.residual, stats.tol, stats.stop_mode, stats.nfe)  # after each solve
     """
 
     def __init__(self, every: int) -> None:
@@ -62,20 +62,17 @@ class UnconvergedWarner:
         self.calls = 0  # forward solves since the last warning
         self.samples = 0
         self.unconverged = 0
-        self.warned_at: int | None = None  # total calls at the last warning
-        self.total_calls = 0
+        self.warned = False
 
     def note(self, converged: torch.Tensor, residual: torch.Tensor, tol: float, stop_mode: str, nfe: int) -> None:
         """Count one solve (per-sample ``converged`` and ``residual``); warn if due."""
         if not self.every:
             return
         self.calls += 1
-        self.total_calls += 1
         missed, worst = torch.stack([(~converged).sum().to(residual.dtype), residual.max()]).tolist()
         self.samples += converged.numel()
         self.unconverged += int(missed)
-        due = self.warned_at is None or self.total_calls - self.warned_at >= self.every
-        if not (missed and due):
+        if not missed or (self.warned and self.calls < self.every):
             return
         share = self.unconverged / max(self.samples, 1)
         warn_user(
@@ -86,5 +83,5 @@ class UnconvergedWarner:
             "regularisation, warm-up), or loosen f_tol. (Warned at most once per "
             f"{self.every} calls; DEQ(warn_unconverged_every=0) silences it, DEQMonitor acts on it in Lightning.)"
         )
-        self.warned_at = self.total_calls
+        self.warned = True
         self.calls = self.samples = self.unconverged = 0
