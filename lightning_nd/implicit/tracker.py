@@ -103,8 +103,9 @@ class SolverStats:
     def summary(self) -> dict[str, float]:
         """Scalars for logging: mean and max of the residuals (over finite samples) and steps, shares, counts."""
         finite = ~self.diverged_samples
-        abs_ok = self.abs[finite] if bool(finite.any()) else self.abs
-        rel_ok = self.rel[finite] if bool(finite.any()) else self.rel
+        if not bool(finite.any()):  # every sample diverged: the means are over all of them
+            finite = ~finite
+        abs_ok, rel_ok = self.abs[finite], self.rel[finite]
         return {
             "nfe": float(self.nfe),
             "nstep_mean": float(self.nstep.float().mean()),

@@ -1,4 +1,5 @@
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -219,6 +220,16 @@ def test_unconverged_streak_needs_consecutive_steps_and_survives_a_checkpoint():
     # a contractive cell at a reachable tolerance never counts
     _trainer([monitor], max_epochs=2).fit(_model(), train)
     assert monitor.longest_unconverged_streak == 0 and monitor.stop_reason is None
+    # the streak counts consecutive steps only: a step at or below the share resets it (a stub trainer, one rank)
+    stub = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+                           global_step=7, current_epoch=0, should_stop=False)
+    fwd = SimpleNamespace(residual=torch.full((4,), 0.5), stop_mode="rel", tol=1e-4, nfe=6)
+    for share in (0.9, 0.9, 0.5, 0.9, 0.9):
+        monitor._check_unconverged(stub, share, "deq", fwd)
+    assert monitor.longest_unconverged_streak == 2 and not stub.should_stop and monitor.stop_reason is None
+    with pytest.warns(UserWarning, match=r"for 3 consecutive training steps more than 50% of the samples of DEQ 'deq'"):
+        monitor._check_unconverged(stub, 0.9, "deq", fwd)
+    assert stub.should_stop and monitor.unconverged_streak == 3
     monitor.unconverged_streak = 2
     other = DEQMonitor()
     other.load_state_dict(monitor.state_dict())
