@@ -217,9 +217,11 @@ def test_weights_file_reloads_after_default_save_of_a_folded_model(tmp_path):
     train_form = randomize_bn(convert_model(timm.create_model("resnet10t", num_classes=5), "acb")).eval()
     fused = reparameterize_model(train_form, fold_bn=True)
     x = _x(2, 3, 32, 32)
-    path = save_deploy(fused, tmp_path / "deploy.pt2", x)  # fold_bn not given: read from the model
+    with pytest.warns(UserWarning, match="no example_input"):  # the weights file only: no export needed here
+        path = save_deploy(fused, tmp_path / "deploy.pt2")  # fold_bn not given: read from the model
+    assert path == weights_path(tmp_path / "deploy.pt2")
     with torch.no_grad():
-        reloaded = load_deploy(weights_path(path), model=train_form)
+        reloaded = load_deploy(path, model=train_form)
         torch.testing.assert_close(reloaded(x), fused(x), rtol=0, atol=0)  # the same fusion, the same weights
         unfolded = reparameterize_model(train_form)  # a model fused without fold_bn records that too
         save_deploy(unfolded, tmp_path / "plain.pt2")
