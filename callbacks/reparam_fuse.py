@@ -109,8 +109,12 @@ def output_errors(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -
 def relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
     """``(max |y_ref - y|, max |y_ref|, max |y_ref - y| / max |y_ref|)`` of the worst output tensor (relative error),
     both models in eval mode; see :func:`output_errors`."""
-    worst = max(output_errors(reference, candidate, x), key=lambda e: e[3], default=("output", 0.0, 0.0, 0.0))
-    return worst[1], worst[2], worst[3]
+    return _worst(output_errors(reference, candidate, x))[1:]
+
+
+def _worst(errors: list[tuple[str, float, float, float]]) -> tuple[str, float, float, float]:
+    """The entry of :func:`output_errors` with the largest relative error (zeros for a model without float outputs)."""
+    return max(errors, key=lambda e: e[3], default=("output", 0.0, 0.0, 0.0))
 
 
 class ReparamFuse(Callback):
@@ -272,7 +276,7 @@ class ReparamFuse(Callback):
         }
         if self.check and x is not None:
             errors = output_errors(net, deploy, x)
-            name, abs_err, scale, rel_err = max(errors, key=lambda e: e[3], default=("output", 0.0, 0.0, 0.0))
+            name, abs_err, scale, rel_err = _worst(errors)
             report.update(
                 max_abs_error=abs_err, max_abs_output=scale, max_rel_error=rel_err, check_batch=list(x.shape),
                 passed=bool(rel_err <= report["rtol"]), outputs_checked=len(errors),
