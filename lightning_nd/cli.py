@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shlex
 import sys
 import time
@@ -198,6 +199,9 @@ class LndCLI(LightningCLI):
             if threads < 1:
                 raise MisconfigurationException(f"torch_threads={threads} must be >= 1 (or null: torch's default)")
             torch.set_num_threads(threads)
+            # Lightning's DDP launchers set torch's threads to cores / processes unless OMP_NUM_THREADS is set, which
+            # would override this under `--trainer.devices N` but not under torchrun; child processes inherit it too
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         if self.subcommand:
             plan_run_dir(config, self.subcommand)
 

@@ -5,7 +5,8 @@ rendezvous, gloo on CPU, against ``--trainer.devices 2`` (Lightning starts the s
 pin the same thread count: Lightning's launchers set ``torch.set_num_threads(cores // processes per node)``
 whenever ``OMP_NUM_THREADS`` is unset, which differs between the two layouts (2 vs 1 threads per process on a
 2-core machine) and changes float reductions; that, not seeding, data order or path sampling, made the two
-launchers pick different cells.
+launchers pick different cells. The CLI's ``torch_threads`` therefore also sets ``OMP_NUM_THREADS``; this test
+leaves the variable unset so that the config alone has to pin both layouts.
 """
 
 import os
@@ -56,8 +57,9 @@ def trained_weights(folder: Path) -> dict:
 def test_torchrun_two_nodes_trains_exactly_as_the_lightning_launcher(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("LOCAL_RANK", "OMP_NUM_THREADS"):  # the config's torch_threads alone must pin the threads
+        env.pop(name, None)
     fit = [sys.executable, "-m", "lightning_nd", "fit", "-c", str(config)]
     lightning = subprocess.run([*fit, "--trainer.devices", "2", "--trainer.default_root_dir", str(tmp_path / "pl")],
                                env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
