@@ -172,10 +172,13 @@ class DEQMonitor(Callback):
             raise ValueError(f"on_divergence={on_divergence!r} must be one of {list(DIVERGENCE_ACTIONS)}")
         if not (isinstance(max_scaler_skips, int) and max_scaler_skips >= 0):
             raise ValueError(f"max_scaler_skips={max_scaler_skips} must be an integer >= 0")
-        if stop_unconverged_share is not None and not 0.0 < stop_unconverged_share < 1.0:
-            raise ValueError(f"stop_unconverged_share={stop_unconverged_share} must be None or in (0, 1)")
-        if not unconverged_factor >= 1.0:
-            raise ValueError(f"unconverged_factor={unconverged_factor} must be >= 1")
+        share_ok = isinstance(stop_unconverged_share, (int, float)) and 0.0 < stop_unconverged_share < 1.0
+        if stop_unconverged_share is not None and not share_ok:
+            raise ValueError(f"stop_unconverged_share={stop_unconverged_share!r} must be None or a number in (0, 1)")
+        if isinstance(unconverged_factor, bool) or not (
+            isinstance(unconverged_factor, (int, float)) and unconverged_factor >= 1.0
+        ):
+            raise ValueError(f"unconverged_factor={unconverged_factor!r} must be a number >= 1")
         if isinstance(unconverged_patience, bool) or not (
             isinstance(unconverged_patience, int) and unconverged_patience >= 1
         ):

@@ -234,8 +234,8 @@ def test_unconverged_streak_needs_consecutive_steps_and_survives_a_checkpoint():
     other = DEQMonitor()
     other.load_state_dict(monitor.state_dict())
     assert other.unconverged_streak == 2
-    for bad in ({"stop_unconverged_share": 1.0}, {"unconverged_factor": 0.5}, {"unconverged_patience": 0},
-                {"on_unconverged": "warn"}):
+    for bad in ({"stop_unconverged_share": 1.0}, {"stop_unconverged_share": "0.5"}, {"unconverged_factor": 0.5},
+                {"unconverged_factor": None}, {"unconverged_patience": 0}, {"on_unconverged": "warn"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DEQMonitor(**bad)
 
