@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_nd.callbacks.angle_tracker import AngleTracker, supernet_of
-from lightning_nd.nas.arch import alive_options, arch_to_json, list_choices
+from lightning_nd.nas.arch import alive_options, arch_to_json, canonical_arch, decisions, list_choices
 from lightning_nd.nas.evolution import Evolution, progress_figure
 from lightning_nd.nas.flops import ArchCost, CostConstraint
 from lightning_nd.utils import atomic_save, atomic_write_text, log_image, progress, run_dir
@@ -294,7 +294,9 @@ class EvolutionSearch(Callback):
         settings = dict(self.ea_kwargs)
         if trainer.fast_dev_run:  # a bug-finding run: one generation checks the whole search path
             settings["generations"] = 1
-        evolution = Evolution(alive_options(net), constraint=constraint, **settings)
+        found = decisions(net)  # input-choice spaces: one spelling per network, so no draw is wasted on a duplicate
+        canonical = (lambda arch: canonical_arch(found, arch)) if any(d.gate is not None for d in found) else None
+        evolution = Evolution(alive_options(net), constraint=constraint, canonical=canonical, **settings)
         fingerprint = self._fingerprint(net)
         key = self.search_key(trainer, net, shape, settings)
         self._restore(trainer, evolution, folder, fingerprint, key)

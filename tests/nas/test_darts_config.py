@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_nd.nas import build_space
+from lightning_nd.nas.arch import canonical_arch, decisions
 from lightning_nd.nas.spaces.darts import Genotype, resolve_genotype
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "nas"
@@ -35,6 +37,10 @@ def test_rlnas_darts_search_then_retrain(tmp_path):
             (op_a, a), (op_b, b) = pairs[2 * n], pairs[2 * n + 1]
             assert best["ops"][f"{kind}.n{n + 2}.inputs"] == f"{a}+{b}"
             assert best["ops"][f"{kind}.n{n + 2}<-{a}"] == op_a and best["ops"][f"{kind}.n{n + 2}<-{b}"] == op_b
+    model_args = config["model"]["init_args"]  # the search draws one spelling per network: unused edges canonical
+    supernet = build_space("darts", num_classes=model_args["num_classes"], in_chans=model_args["in_chans"],
+                           **model_args["space_kwargs"])
+    assert best["arch"] == canonical_arch(decisions(supernet), best["arch"])
 
     retrain = yaml.safe_load((CONFIGS / "retrain_darts.yaml").read_text())
     shipped = retrain["model"]["init_args"]["model"]["init_args"]
