@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -34,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.enums import StrEnum
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
 import lightning_nd.callbacks
@@ -58,6 +60,10 @@ from lightning_nd.utils.interrupt import (
     check_checkpoint_model,
 )
 from lightning_nd.utils.rundir import RunDirClaim, claim_run_dir, is_resume, plan_run_dir
+
+# LightningCLI dumps the whole config with yaml.safe_dump to keep the model's hyperparameters; Lightning's string enums
+# (Timer's default interval=Interval.step) are not representable there, so any config listing a Timer crashed.
+yaml.SafeDumper.add_multi_representer(StrEnum, lambda dumper, value: dumper.represent_str(str(value.value)))
 
 
 class _NoTips(logging.Filter):

@@ -281,7 +281,8 @@ def test_predict_writes_predictions_and_says_where(tmp_path, caplog):
 
 @pytest.mark.parametrize("callbacks", [[], ["--trainer.callbacks+=lightning.pytorch.callbacks.Timer"]])
 def test_progress_bar_shows_the_whole_version(tmp_path, callbacks):
-    """Also when the config lists callbacks (the quickstart's showed v_num=arch: the default bar was kept)."""
+    """Also when the config lists callbacks (the quickstart's showed v_num=arch: the default bar was kept), here a
+    Timer, whose enum default LightningCLI could not dump into the hyperparameters before."""
     from lightning_nd.utils import VersionProgressBar
 
     args = [a for a in _csv_run(tmp_path, *callbacks)[1:] if "enable_progress_bar" not in a]
