@@ -25,10 +25,15 @@ Every DEQ layer leaves the statistics of its last call in ``last_stats`` (forwar
   normal overflow: the scaler skips that step and lowers its scale, so the monitor lets it, and trips only when more
   than ``max_scaler_skips`` steps in a row fail that way (a persistent failure) or the loss itself is non-finite. An
   adjoint that exploded with finite gradients (the scaler would train on them) trips as without a scaler.
+- on the first validation batch of each epoch (``check_equilibrium``) logs whether each DEQ uses its equilibrium:
+  the contraction estimate of its cell at the solution and the gap between one application of the cell and the solved
+  state (``deq/val_contraction``, ``deq/val_gap``, :mod:`lightning_nd.implicit.diagnostics`), and warns when the
+  equilibrium adds nothing over an explicit one-layer network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -40,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_nd.implicit import find_deqs
+from lightning_nd.implicit.diagnostics import capture_deq_inputs, equilibrium_warnings, report_captured
 from lightning_nd.utils import log_image
 
 REL_BINS = torch.logspace(-8, 2, 41)  # bin edges of the relative-residual histogram (1e-8 ... 1e2)
@@ -123,6 +129,9 @@ class DEQMonitor(Callback):
         unconverged_patience: consecutive unconverged equilibrium-mode training steps that stop the run.
         on_unconverged: ``"stop"`` (stop the trainer after the step, report the reason) or ``"raise"``
             (:class:`DEQNonConvergenceError`).
+        check_equilibrium: on the first validation batch of each epoch, log each DEQ's contraction estimate and
+            one-application gap and warn when its equilibrium adds nothing (costs one more solve and 20
+            vector-Jacobian products per DEQ, once per epoch).
 
     Attributes:
         stop_reason: the message of the divergence that stopped the run (None if none).
@@ -136,7 +145,7 @@ class DEQMonitor(Callback):
         ValueError: for a non-positive ``log_every_n_steps``, a negative ``histogram_every_n_epochs``,
             ``unconverged_warn`` outside [0, 1], a non-positive ``explode_threshold``, an unknown ``on_divergence``
             or ``on_unconverged``, a negative ``max_scaler_skips``, ``stop_unconverged_share`` outside (0, 1),
-            ``unconverged_factor < 1`` or ``unconverged_patience < 1``.
+            ``unconverged_factor < 1``, ``unconverged_patience < 1`` or a non-bool ``check_equilibrium``.
         DEQDivergenceError: during training with ``on_divergence="raise"`` when the run diverges.
         DEQNonConvergenceError: during training with ``on_unconverged="raise"`` when solves stay unconverged.
 
@@ -158,6 +167,7 @@ class DEQMonitor(Callback):
         unconverged_factor: float = 20.0,
         unconverged_patience: int = 50,
         on_unconverged: str = "stop",
+        check_equilibrium: bool = True,
     ) -> None:
         super().__init__()
         if not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
@@ -185,6 +195,10 @@ class DEQMonitor(Callback):
             raise ValueError(f"unconverged_patience={unconverged_patience!r} must be an integer >= 1")
         if on_unconverged not in DIVERGENCE_ACTIONS:
             raise ValueError(f"on_unconverged={on_unconverged!r} must be one of {list(DIVERGENCE_ACTIONS)}")
+        if not isinstance(check_equilibrium, bool):
+            raise ValueError(f"check_equilibrium={check_equilibrium!r} must be True or False")
+        self.check_equilibrium = check_equilibrium
+        self._capture: contextlib.ExitStack | None = None
         self.stop_unconverged_share, self.unconverged_factor = stop_unconverged_share, unconverged_factor
         self.unconverged_patience, self.on_unconverged = unconverged_patience, on_unconverged
         self.unconverged_streak = self.longest_unconverged_streak = 0
@@ -446,18 +460,40 @@ class DEQMonitor(Callback):
 
     # ----------------------------------------------------------------- validation statistics
     @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.check_equilibrium and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
+            self._capture = contextlib.ExitStack()
+            self._captured = self._capture.enter_context(capture_deq_inputs(pl_module))
+
+    def _report_equilibrium(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._capture.close()
+        self._capture = None
+        # its own generator: drawing from the global RNG would change the training that follows (exact resume)
+        generator = torch.Generator(device=pl_module.device).manual_seed(trainer.current_epoch)
+        reports = report_captured(self._captured, generator=generator)
+        for name, report in reports.items():
+            prefix = self._prefix(name, len(reports)).replace("deq/", "deq/val_", 1)
+            values = {prefix + k: v for k, v in report.as_dict().items() if k.startswith(("contraction", "gap"))}
+            pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        for message in equilibrium_warnings(reports):
+            rank_zero_warn(message)
+
+    @override
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self.log_validation or trainer.sanity_checking:
-            return
-        deqs = [(n, d) for n, d in find_deqs(pl_module) if getattr(d, "last_stats", None) is not None]
-        for name, deq in deqs:
-            prefix = self._prefix(name, len(deqs)).replace("deq/", "deq/val_", 1)
-            for k, v in self._scalars(deq.last_stats.forward, "fwd").items():
-                self.val_sums[prefix + k] = self.val_sums.get(prefix + k, 0.0) + v
-        self.val_batches += int(bool(deqs))
+        if self.log_validation and not trainer.sanity_checking:
+            deqs = [(n, d) for n, d in find_deqs(pl_module) if getattr(d, "last_stats", None) is not None]
+            for name, deq in deqs:
+                prefix = self._prefix(name, len(deqs)).replace("deq/", "deq/val_", 1)
+                for k, v in self._scalars(deq.last_stats.forward, "fwd").items():
+                    self.val_sums[prefix + k] = self.val_sums.get(prefix + k, 0.0) + v
+            self.val_batches += int(bool(deqs))
+        if self._capture is not None:  # after reading the batch's statistics: the check solves once more
+            self._report_equilibrium(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -175,7 +175,18 @@ def _report(deq: nn.Module, cell: Callable, x: Any, z0: State | None, iters: int
 
 
 @contextlib.contextmanager
-def _capture_inputs(model: nn.Module) -> Iterator[dict[str, tuple[nn.Module, Any, Any]]]:
+def capture_deq_inputs(model: nn.Module) -> Iterator[dict[str, tuple[nn.Module, Any, Any]]]:
+    """While open, record ``{qualified name: (layer, x, z0)}`` of the last call of every DEQ inside ``model``.
+
+    Raises:
+        Nothing: hooks are removed on exit, also after an error.
+
+    Example::
+
+        with capture_deq_inputs(model) as captured:
+            model(images)
+        reports = {name: equilibrium_report(layer, x, z0) for name, (layer, x, z0) in captured.items()}
+    """
     captured: dict[str, tuple[nn.Module, Any, Any]] = {}
     handles = []
     for name, layer in find_deqs(model):
@@ -217,8 +228,15 @@ def diagnose_equilibrium(
         for message in equilibrium_warnings(reports):
             rank_zero_warn(message)
     """
-    with torch.inference_mode(False), _capture_inputs(model) as captured, torch.no_grad():
+    with torch.inference_mode(False), capture_deq_inputs(model) as captured, torch.no_grad():
         run()
+    return report_captured(captured, iters=iters, generator=generator)
+
+
+def report_captured(
+    captured: dict[str, tuple[nn.Module, Any, Any]], *, iters: int = 20, generator: torch.Generator | None = None
+) -> dict[str, EquilibriumReport]:
+    """:func:`equilibrium_report` of every DEQ call recorded by :func:`capture_deq_inputs`."""
     return {name: equilibrium_report(layer, x, z0, iters=iters, generator=generator)
             for name, (layer, x, z0) in captured.items()}
 

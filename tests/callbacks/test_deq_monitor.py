@@ -274,3 +274,46 @@ def test_shipped_mdeq_config_does_not_trip_the_monitor(repo_root):
     assert cli.trainer.global_step == 20 and monitor.stop_reason is None
     assert cli.model.net.deq.last_stats.mode == "equilibrium"  # judged from the first step
     assert monitor.longest_unconverged_streak < 5
+
+
+class _StateFreeCell(torch.nn.Module):
+    """f(z, x) = tanh(conv(x)): ignores its state, so one application already is the equilibrium."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, z, x):
+        return torch.tanh(self.conv(x)) + 0 * z  # z stays in the graph: its Jacobian is exactly 0
+
+
+def test_equilibrium_check_logs_contraction_and_gap_without_touching_the_training_rng():
+    train, val = tiny_loaders()
+    shuffled = torch.utils.data.DataLoader(train.dataset, batch_size=8, shuffle=True)  # epoch 2 draws from the RNG
+    trained = {}
+    for check in (True, False):
+        torch.manual_seed(0)
+        model = _model()
+        trainer = _trainer([DEQMonitor(check_equilibrium=check, histogram_every_n_epochs=0)], max_epochs=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, shuffled, val)
+        assert not any("does not use its equilibrium" in str(w.message) for w in caught)
+        if check:  # the healthy ConvCell(scale=0.6): a contraction, and iterating it moves the state
+            assert 0.05 < float(trainer.logged_metrics["deq/val_contraction"]) <= 0.6 + 1e-3
+            assert float(trainer.logged_metrics["deq/val_gap"]) > 0.05
+        else:
+            assert "deq/val_contraction" not in trainer.logged_metrics
+        trained[check] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(trained[True], trained[False]))
+
+
+def test_equilibrium_check_warns_when_the_cell_ignores_its_state():
+    train, val = tiny_loaders()
+    model = DEQClassifier(TinyDEQNet(cell=_StateFreeCell(), f_tol=1e-4, b_tol=1e-5), num_classes=3)
+    trainer = _trainer([DEQMonitor(histogram_every_n_epochs=0)])
+    with pytest.warns(UserWarning, match="does not use its equilibrium"):
+        trainer.fit(model, train, val)
+    assert float(trainer.logged_metrics["deq/val_gap"]) < 1e-6
+    with pytest.raises(ValueError, match="check_equilibrium"):
+        DEQMonitor(check_equilibrium="yes")
