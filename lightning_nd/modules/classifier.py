@@ -96,10 +96,15 @@ class ImageClassifier(pl.LightningModule):
             default :func:`default_optimizer`.
         lr_scheduler: a callable taking the optimizer, stepped every epoch; default none.
         model_kwargs: extra arguments for ``timm.create_model``.
+        aux_weight: weight of the auxiliary head's loss, for networks that leave auxiliary logits in
+            ``net.aux_logits`` during training (DARTS's ``NetworkCIFAR`` with ``auxiliary=True``: 0.4, its default).
+        drop_path_ramp: raise the network's ``drop_path_prob`` linearly from 0 at the first epoch to its configured
+            value at ``max_epochs`` (DARTS: ``drop_path_prob * epoch / epochs``); False keeps it constant.
 
     Raises:
-        ValueError: for an unknown timm name, ``num_classes < 2``, a label smoothing outside [0, 1), and at
-            setup for a class count or input size that does not match the data.
+        ValueError: for an unknown timm name, ``num_classes < 2``, a label smoothing outside [0, 1), a negative
+            ``aux_weight``, ``drop_path_ramp`` for a network without ``drop_path_prob``, and at setup for a class
+            count or input size that does not match the data.
 
     Example::
 
@@ -116,17 +121,26 @@ class ImageClassifier(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        aux_weight: float = 0.4,
+        drop_path_ramp: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if not aux_weight >= 0.0:
+            raise ValueError(f"aux_weight={aux_weight} must be >= 0")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
         if isinstance(model, str):  # a timm name rebuilds the network in load_from_checkpoint; a module cannot
             self.hparams["model"] = model
         self.net = create_network(model, num_classes, in_chans, **(model_kwargs or {}))
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.aux_weight, self.drop_path_ramp = aux_weight, drop_path_ramp
+        self.drop_path_max = getattr(self.net, "drop_path_prob", None)
+        if drop_path_ramp and self.drop_path_max is None:
+            raise ValueError(f"drop_path_ramp=True needs a network with a drop_path_prob; {type(self.net).__name__} "
+                             "has none (use drop_path_ramp=False)")
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         top5 = num_classes > 5
         self.metrics = nn.ModuleDict(
@@ -150,6 +164,9 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        aux = getattr(self.net, "aux_logits", None) if stage == "train" else None
+        if aux is not None and self.aux_weight > 0:
+            loss = loss + self.aux_weight * F.cross_entropy(aux, y, label_smoothing=self.label_smoothing)
         self.log(
             f"{stage}/loss",
             loss,
@@ -169,6 +186,11 @@ class ImageClassifier(pl.LightningModule):
                     on_step=False,
                 )
         return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if self.drop_path_ramp:  # from the epoch alone, so a resumed run continues the same schedule
+            self.net.drop_path_prob = self.drop_path_max * self.current_epoch / max(self.trainer.max_epochs, 1)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
