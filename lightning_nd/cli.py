@@ -284,7 +284,8 @@ class LndCLI(LightningCLI):
             return path.is_file() and path.stat().st_mtime >= self.started - 1.0
 
         lines = [f"lnd {stage} finished. Outputs in {folder}"]
-        for cb in trainer.checkpoint_callbacks:
+        # only a fit writes checkpoints; a predict right after its fit would see the fit's as fresh files
+        for cb in trainer.checkpoint_callbacks if stage == "fit" else ():
             if isinstance(cb, ModelCheckpoint) and (cb.best_model_path or cb.last_model_path):
                 path = Path(cb.best_model_path or cb.last_model_path).resolve()
                 if ours(path):
