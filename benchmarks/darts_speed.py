@@ -18,16 +18,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lightning_nd.modules import SupernetModule
 from lightning_nd.nas import PathSampler, decisions, export_subnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nas_core import paired_step_times
 from results_io import write_results
 
 
@@ -45,34 +44,7 @@ def ratio_for_path(model, arch, batch, repeats, size):
     pin_path(net, arch)
     sub = export_subnet(net, arch)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    opt_s = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    opt_b = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
-    trainer = SimpleNamespace(global_step=0, strategy=None)
-    model.trainer = trainer  # the hooks read only trainer.global_step (and the strategy when check_sync=True)
-
-    def supernet_step():
-        model.on_train_batch_start((x, y), 0)
-        opt_s.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        model.on_before_optimizer_step(opt_s)
-        opt_s.step()
-        trainer.global_step += 1
-
-    def subnet_step():
-        opt_b.zero_grad()
-        F.cross_entropy(sub(x), y).backward()
-        opt_b.step()
-
-    for _ in range(2):
-        supernet_step(), subnet_step()
-    assert model.current_arch == arch
-    t_super, t_sub = [], []
-    for i in range(repeats):
-        pair = ((supernet_step, t_super), (subnet_step, t_sub))
-        for fn, acc in pair if i % 2 == 0 else pair[::-1]:
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
+    t_super, t_sub, opt_s = paired_step_times(model, sub, arch, x, y, repeats)
     grads = {p: p.grad for p in net.parameters()}
 
     def overhead():
@@ -92,7 +64,7 @@ def ratio_for_path(model, arch, batch, repeats, size):
     for d in decisions(net):
         for layer in d.layers:
             layer.alive.copy_(next(masks))
-    return float(np.median(t_super)), float(np.median(t_sub)), t_overhead
+    return t_super, t_sub, t_overhead
 
 
 def main():

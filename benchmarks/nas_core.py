@@ -40,35 +40,19 @@ def perturb(net, seed=0):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def step_times(quick):
-    """One training step of ``SupernetModule`` (its real per-step hooks: path sampling + activation, fwd/bwd,
-    zero-grad->None check, SGD) vs the same path exported as a standalone network (fwd/bwd, SGD).
-
-    Every op but the benchmarked path is masked, so the sampler's draw *is* that path: the supernet runs its full
-    sampling code and the comparison stays like-for-like. Steps alternate between the two and medians are taken,
-    so load changes on a shared machine hit both alike.
-    """
-    kw = {"C": 8, "N": 2} if quick else {"C": 16, "N": 5}
-    batch, repeats = (32, 40) if quick else (64, 30)
-    model = SupernetModule("nb201", num_classes=10, space_kwargs=kw)
+def paired_step_times(model, sub, arch, x, y, repeats):
+    """Median seconds of one ``SupernetModule`` training step (its per-step hooks: path sampling + activation,
+    fwd/bwd, zero-grad->None check, SGD) and of one step of ``sub`` (the path as a standalone network: fwd/bwd, SGD),
+    and the supernet's optimizer. Every op but ``arch``'s must be masked, so the sampler's draw *is* that path. Steps
+    alternate between the two and medians are taken, so load changes on a shared machine hit both alike."""
     net = model.net
-    arch = [3, 2, 3, 4, 3, 1]
-    for d, keep in enumerate(arch):
-        for op in range(len(NB201_OPS)):
-            if op != keep:
-                set_alive(net, d, op, False)
-    sub = export_subnet(net, arch)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     opt_s = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     opt_b = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
     trainer = SimpleNamespace(global_step=0, strategy=None)
     model.trainer = trainer  # the hooks read only trainer.global_step (and the strategy when check_sync=True)
 
-    def hooks_before():
-        model.on_train_batch_start((x, y), 0)
-
     def supernet_step():
-        hooks_before()
+        model.on_train_batch_start((x, y), 0)
         opt_s.zero_grad()
         F.cross_entropy(net(x), y).backward()
         model.on_before_optimizer_step(opt_s)
@@ -82,19 +66,37 @@ def step_times(quick):
 
     for _ in range(2):  # warm-up (and the Choice shape check)
         supernet_step(), subnet_step()
-    assert model.current_arch == arch
+    assert model.current_arch == list(arch)
     t_super, t_sub = [], []
-    for i in range(repeats):  # interleaved (alternating order), medians: robust to load changes
+    for i in range(repeats):
         pair = ((supernet_step, t_super), (subnet_step, t_sub))
         for fn, acc in pair if i % 2 == 0 else pair[::-1]:
             start = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - start)
-    t_hooks = timed(lambda: (hooks_before(), model.on_before_optimizer_step(opt_s)), 200)
+    return float(np.median(t_super)), float(np.median(t_sub)), opt_s
+
+
+def step_times(quick):
+    """A ``SupernetModule`` training step vs the same NB-201 path as a standalone network (:func:`paired_step_times`;
+    the supernet runs its full sampling code on a space masked down to that path), and the per-step hooks alone."""
+    kw = {"C": 8, "N": 2} if quick else {"C": 16, "N": 5}
+    batch, repeats = (32, 40) if quick else (64, 30)
+    model = SupernetModule("nb201", num_classes=10, space_kwargs=kw)
+    net = model.net
+    arch = [3, 2, 3, 4, 3, 1]
+    for d, keep in enumerate(arch):
+        for op in range(len(NB201_OPS)):
+            if op != keep:
+                set_alive(net, d, op, False)
+    sub = export_subnet(net, arch)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    t_super, t_sub, opt_s = paired_step_times(model, sub, arch, x, y, repeats)
+    t_hooks = timed(lambda: (model.on_train_batch_start((x, y), 0), model.on_before_optimizer_step(opt_s)), 200)
     for d in range(len(arch)):  # the full space again for the angle measurements below
         for op in range(len(NB201_OPS)):
             set_alive(net, d, op, True)
-    return net, float(np.median(t_super)), float(np.median(t_sub)), t_hooks
+    return net, t_super, t_sub, t_hooks
 
 
 def main():
