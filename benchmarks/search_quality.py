@@ -33,6 +33,9 @@ Usage::
     python benchmarks/search_quality.py --reuse /tmp/runs ...          # tabulate runs already made (same layout)
     python benchmarks/search_quality.py --recipes quickstart params_shrink_naswot random_shrink_naswot naswot
         --seeds ... --threads 1 --corr-seeds --name search_quality_controls   # the controls (one command line)
+
+The rank tables on supernets trained without shrinking, on random and on true labels, with the supernet's own
+accuracy as a score: ``benchmarks/search_quality_ranks.py`` (shares ``fit_config`` and ``rank_stats``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rank_stats import t_interval, within_group_tau  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
 NASWOT_V1 = ROOT / "benchmarks" / "data" / "naswot_v1_nb201_cifar10_scores.csv.gz"
@@ -146,8 +150,13 @@ class ControlShrink(Callback):
 def run_recipe(recipe: str, seed: int, threads: int, out: Path) -> dict:
     """One `lnd fit` of a recipe in a subprocess; returns the row (pick, accuracy, percentile, wall seconds)."""
     folder = out / recipe / f"s{seed}_t{threads}"
+    fit_config(recipe_config(recipe), folder, seed, threads, what=recipe)
+    return read_run(recipe, seed, threads, folder)
+
+
+def fit_config(config: dict, folder: Path, seed: int, threads: int, what: str = "run") -> float:
+    """`lnd fit` of ``config`` in a subprocess writing into ``folder`` (``wall.json``: its wall seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = recipe_config(recipe)
     config["trainer"].update(default_root_dir=str(folder), enable_progress_bar=False)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -160,9 +169,9 @@ def run_recipe(recipe: str, seed: int, threads: int, out: Path) -> dict:
     )
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{recipe} seed {seed} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} seed {seed} failed:\n{done.stderr[-3000:]}")
     (folder / "wall.json").write_text(json.dumps({"wall_s": wall}))
-    return read_run(recipe, seed, threads, folder)
+    return wall
 
 
 def read_run(recipe: str, seed: int, threads: int, folder: Path) -> dict:
@@ -257,17 +266,14 @@ DESCRIPTIONS = {
 
 def paired(runs: list[dict], a: str, b: str, threads: int = 1) -> dict | None:
     """Per-seed differences ``acc(a) - acc(b)`` over the seeds both recipes ran, with a two-sided 95 % t-interval."""
-    from scipy import stats as st
-
     acc = {(r["recipe"], r["seed"]): r["acc"] for r in runs if r["threads"] == threads}
     seeds = sorted(seed for (recipe, seed) in acc if recipe == a and (b, seed) in acc)
     if len(seeds) < 2:
         return None
     diff = np.array([acc[(a, s)] - acc[(b, s)] for s in seeds])
-    half = float(st.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
     return {"a": a, "b": b, "seeds": seeds, "diffs": diff.round(4).tolist(), "mean": float(diff.mean()),
-            "ci95": [float(diff.mean()) - half, float(diff.mean()) + half],
-            "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum())}
+            "ci95": t_interval(diff), "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
+            "losses": int((diff < 0).sum())}
 
 
 def recipes_record(runs: list[dict]) -> dict:
@@ -312,15 +318,6 @@ def all_cell_rows(out: Path, seeds: list[int], threads: int = 1) -> list[dict]:
     def ranks(x: np.ndarray) -> np.ndarray:
         return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (len(x) - 1)
 
-    def within(score: np.ndarray) -> float:
-        total = weight = 0.0
-        for size in np.unique(np.round(params, 6)):
-            group = np.round(params, 6) == size
-            tau = kendalltau(score[group], acc[group])[0] if group.sum() >= 3 else np.nan
-            if np.isfinite(tau):
-                total, weight = total + tau * group.sum(), weight + group.sum()
-        return total / weight
-
     rows = []
     for folder in sorted((out / "quickstart").glob(f"s*_t{threads}")):
         ckpts = sorted(folder.rglob("*.ckpt"))
@@ -340,7 +337,7 @@ def all_cell_rows(out: Path, seeds: list[int], threads: int = 1) -> list[dict]:
         for name, score in (("angle", angle), ("params", params), ("angle+params", ranks(angle) + ranks(params))):
             row[name] = {"tau": float(kendalltau(score, acc)[0]),
                          "top1000": float(acc[np.argsort(-score, kind="stable")[:1000]].mean())}
-        row["angle_within_params_tau"] = float(within(angle))
+        row["angle_within_params_tau"] = float(within_group_tau(angle, acc, np.round(params, 6)))
         rows.append(row)
     return rows
 
