@@ -1,14 +1,16 @@
 """Is the RLNAS pick on the DARTS space any good? Retrain picks and controls at one equal small budget.
 
-Per seed ``s`` (``--seeds``), three searches over the same DARTS space (``configs/nas/rlnas_darts.yaml`` shrunk to
-a CPU budget: the same supernet width, cells and input size for all three, the same EA settings and seed):
+Per seed ``s`` (``--seeds``), four searches over the same DARTS space (``configs/nas/rlnas_darts.yaml`` shrunk to
+a CPU budget: the same supernet width, cells and input size for all four, the same EA settings and seed):
 
 * ``rlnas``: the recipe itself: the supernet trained on random labels, then ``EvolutionSearch(metric="angle")``
   with the ``rlnas_darts`` angle;
 * ``params``: the training-free parameter-count control: no training, the same EA maximising the path's parameter
   count (:func:`params_metric`, ``ArchCost``), the cheapest thing that could explain an angle pick (the angle grows
   with the weights a path carries);
-* ``naswot``: no training, the same EA maximising NASWOT (v2, re-initialised supernet, the paper's protocol).
+* ``naswot``: no training, the same EA maximising NASWOT (v2, re-initialised supernet, the paper's protocol);
+* ``min_params``: no training, the same EA minimising the parameter count (:func:`min_params_metric`): the control
+  for an angle pick made of parameter-free ops, which is what the RLNAS search picks at this budget.
 
 Then every genotype is retrained from scratch with ``configs/nas/retrain_darts.yaml`` (``DartsNetwork`` through
 ``ImageClassifier``: SGD 0.025 / momentum 0.9 / wd 3e-4, cosine, drop-path ramp 0.1, crop+flip) at one budget
@@ -16,10 +18,10 @@ Then every genotype is retrained from scratch with ``configs/nas/retrain_darts.y
 both search and retrain (split seed 0): the pick of seed ``s`` with seed ``s``; ``darts_v2`` and ``--randoms``
 random genotypes with every seed. The random genotypes are drawn uniformly over valid DARTS paths (``PathSampler``,
 seed ``RANDOM_SEED``) and kept only if the retrain network's parameter count lies within ``--band`` (relative) of
-the mean of the RLNAS picks' counts: a random cell of the same size.
+the mean of the RLNAS picks' counts: uniform over the cells of that size.
 
 Target (issue 25): the RLNAS picks' mean above the random genotypes' mean by more than their spread (std of the
-random genotypes' seed means). Also the paired differences per seed, RLNAS - params control and RLNAS - NASWOT.
+random genotypes' seed means). Also the paired differences per seed, RLNAS - each control and - darts_v2.
 
 Every search and retrain writes a JSON under ``--workdir``; a rerun skips what is there (resume after a crash, or
 add seeds), so the tabulation is a function of those files.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -53,11 +56,11 @@ from lightning_nd.nas.sampler import PathSampler  # noqa: E402
 from lightning_nd.nas.spaces.darts import GENOTYPES, arch_to_genotype, build_network, genotype_to_dict  # noqa: E402
 
 RANDOM_SEED = 2025
-SEARCHES = ("rlnas", "params", "naswot")
+SEARCHES = ("rlnas", "params", "naswot", "min_params")
 # budget: supernet width/cells, input side, search images/epochs, EA, retrain images/epochs, held-out images
 FULL = {"C": 8, "layers": 5, "image_size": 28, "search_images": 3000, "search_epochs": 3,
         "ea": {"population": 20, "top_k": 10, "mutations": 10, "crossovers": 10, "generations": 8},
-        "retrain_images": 3000, "retrain_epochs": 2, "val_size": 2000, "batch_size": 64}
+        "retrain_images": 1500, "retrain_epochs": 2, "val_size": 2000, "batch_size": 64}
 QUICK = {"C": 4, "layers": 3, "image_size": 28, "search_images": 128, "search_epochs": 1,
          "ea": {"population": 6, "top_k": 2, "mutations": 2, "crossovers": 2, "generations": 2},
          "retrain_images": 128, "retrain_epochs": 1, "val_size": 256, "batch_size": 64}
@@ -78,6 +81,11 @@ def params_metric(pl_module: Any, arch: list[int]) -> float:
     return float(_COSTS[id(net)].params(arch))
 
 
+def min_params_metric(pl_module: Any, arch: list[int]) -> float:
+    """Minus the parameter count: the control for a pick made of parameter-free ops (pooling, skip)."""
+    return -params_metric(pl_module, arch)
+
+
 def search_config(method: str, seed: int, budget: dict, out: Path) -> dict:
     """``configs/nas/rlnas_darts.yaml`` shrunk to ``budget``; ``params``/``naswot`` drop the training."""
     config = yaml.safe_load((ROOT / "configs" / "nas" / "rlnas_darts.yaml").read_text())
@@ -96,7 +104,8 @@ def search_config(method: str, seed: int, budget: dict, out: Path) -> dict:
     if method != "rlnas":
         trainer["max_epochs"] = 0
         trainer["callbacks"] = [search]
-        search["init_args"]["metric"] = "naswot" if method == "naswot" else "darts_quality.params_metric"
+        search["init_args"]["metric"] = {"naswot": "naswot", "params": "darts_quality.params_metric",
+                                         "min_params": "darts_quality.min_params_metric"}[method]
         if method == "naswot":  # the paper's v2 batch is 128; half of it halves the search's cost here
             search["init_args"]["naswot_batch_size"] = budget["batch_size"]
         config["data"] = config["data"]["init_args"]["datamodule"]  # real images; labels unused
@@ -160,14 +169,17 @@ def network_params(genotype: Any, budget: dict) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def random_genotypes(count: int, target: float, band: float, budget: dict, max_draws: int = 5000) -> list[dict]:
-    """``count`` uniform random valid genotypes whose retrain network has ``target * (1 +- band)`` parameters."""
+def random_genotypes(count: int, target: float, band: float, budget: dict, max_draws: int = 20000) -> list[dict]:
+    """``count`` uniform random valid genotypes whose retrain network has ``target * (1 +- band)`` parameters.
+
+    Paths are drawn uniformly over the space (``PathSampler``, seed ``RANDOM_SEED``, draw ``i`` = step ``i``) and
+    rejected outside the band: uniform over the valid genotypes of that size.
+    """
     supernet = build_space("darts", num_classes=10, in_chans=3, C=budget["C"], layers=budget["layers"])
     sampler = PathSampler(supernet, seed=RANDOM_SEED)
     kept, seen = [], set()
     for draw in range(max_draws):
-        arch = sampler.sample(draw)
-        genotype = arch_to_genotype(supernet, arch)
+        genotype = arch_to_genotype(supernet, sampler.sample(draw))
         key = repr(genotype)
         if key in seen:
             continue
@@ -209,11 +221,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: float, command: str,
-           wall_s: float) -> tuple[str, list[dict], dict]:
+           machine_line: str) -> tuple[str, list[dict], dict]:
     """Markdown, glance rows and the machine-readable summary of all retrains."""
     seeds = sorted({s for (_, s) in runs})
     rows: dict[str, dict] = {}
-    for name in ["rlnas", "params", "naswot", "darts_v2", *[r["name"] for r in randoms]]:
+    for name in [*SEARCHES, "darts_v2", *[r["name"] for r in randoms]]:
         per_seed = {s: runs[(name, s)] for s in seeds if (name, s) in runs}
         accs = [100 * r["val_acc"] for r in per_seed.values()]
         mean, std = _mean_std(accs)
@@ -223,20 +235,22 @@ def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: 
     random_mean, random_spread = _mean_std(random_means)
     margin = rows["rlnas"]["mean"] - random_mean
     paired = {}
-    for control in ("params", "naswot", "darts_v2"):
+    for control in ("params", "min_params", "naswot", "darts_v2"):
         diffs = [rows["rlnas"]["acc"][s] - rows[control]["acc"][s] for s in seeds]
         paired[control] = {"per_seed": diffs, "mean": _mean_std(diffs)[0], "std": _mean_std(diffs)[1]}
     met = margin > random_spread
+    wall_s = sum(r["wall_s"] for r in searches.values()) + sum(r["wall_s"] for r in runs.values())
     lines = [
         "# DARTS space: retrain quality of the RLNAS pick vs controls (issue 25)", "",
-        f"Command: `{command}`", "", f"Machine: {machine()}; total wall time {wall_s / 60:.0f} min.", "",
+        f"Command: `{command}`", "", f"Machine: {machine_line}; wall time of all searches and retrains (summed "
+        f"from their records): {wall_s / 60:.0f} min.", "",
         f"Budget (every genotype alike): DARTS network C={budget['C']}, {budget['layers']} cells, Fashion-MNIST "
         f"{budget['image_size']}x{budget['image_size']}x3, {budget['retrain_images']} training images x "
         f"{budget['retrain_epochs']} epochs (batch {budget['batch_size']}, configs/nas/retrain_darts.yaml recipe), "
         f"top-1 on {budget['val_size']} held-out training images. Searches: supernet of the same size; RLNAS trains "
-        f"it {budget['search_epochs']} epochs on {budget['search_images']} random-labelled images; all three share "
-        f"the EA {budget['ea']} and its seed. Random genotypes: uniform valid paths (seed {RANDOM_SEED}) whose "
-        f"network has the RLNAS picks' mean parameter count +-{band:.0%}.", "",
+        f"it {budget['search_epochs']} epochs on {budget['search_images']} random-labelled images; all four share "
+        f"the EA {budget['ea']} and its seed. Random genotypes: uniform valid paths (seed {RANDOM_SEED}) rejected "
+        f"unless their network has the RLNAS picks' mean parameter count +-{band:.0%}.", "",
         "| genotype | params (per seed) | top-1 % per seed | mean +- std |", "|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -250,7 +264,7 @@ def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: 
         f"**Target (RLNAS mean - random mean > random spread): {margin:+.2f} vs {random_spread:.2f} -> "
         f"{'met' if met else 'NOT met'}.**", "",
         "Paired differences per seed (same seed, same data order):", "",
-        "| RLNAS - | per seed (points) | mean +- std |", "|---|---|---|",
+        "| RLNAS - | per seed (points) | mean +- std |", "|---|---|---|",  # params = the max-params control
     ]
     for control, p in paired.items():
         lines.append(f"| {control} | {', '.join(f'{d:+.2f}' for d in p['per_seed'])} | "
@@ -265,8 +279,9 @@ def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: 
                "top-1 - random genotypes of similar size",
                "value": f"{margin:+.2f} points ({rows['rlnas']['mean']:.2f} vs {random_mean:.2f} %)",
                "spread": f"random spread {random_spread:.2f}; RLNAS std {rows['rlnas']['std']:.2f} over "
-                         f"{len(seeds)} seeds; RLNAS - params control {paired['params']['mean']:+.2f} "
-                         f"+- {paired['params']['std']:.2f}",
+                         f"{len(seeds)} seeds; paired RLNAS - max-params control {paired['params']['mean']:+.2f} "
+                         f"+- {paired['params']['std']:.2f}, - min-params control "
+                         f"{paired['min_params']['mean']:+.2f} +- {paired['min_params']['std']:.2f}",
                "target": "> random spread"}]
     summary = {"rows": rows, "random_mean": random_mean, "random_spread": random_spread, "margin": margin,
                "target_met": met, "paired": paired, "budget": budget, "band": band}
@@ -283,13 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/darts_quality"))
     parser.add_argument("--name", default=None, help="results file stem (default darts_quality[_quick])")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    parser.add_argument("--machine-note", default="", help="appended to the machine line, e.g. 'loaded by other jobs'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     budget = QUICK if args.quick else FULL
     seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
     workdir = args.workdir / ("quick" if args.quick else "full")
-    start = time.perf_counter()
     searches = {(m, s): run_search(m, s, budget, workdir) for s in seeds for m in SEARCHES}
     target = statistics.fmean(network_params(searches[("rlnas", s)]["genotype"], budget) for s in seeds)
     randoms_path = workdir / "random_genotypes.json"
@@ -307,13 +322,14 @@ def main(argv: list[str] | None = None) -> None:
         runs[("darts_v2", s)] = run_retrain("darts_v2", genotype_to_dict(GENOTYPES["darts_v2"]), s, budget, workdir)
         for r in randoms:
             runs[(r["name"], s)] = run_retrain(r["name"], r["genotype"], s, budget, workdir)
-    command = "nice -n 10 python benchmarks/darts_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    markdown, glance, summary = report(searches, randoms, runs, budget, args.band, command.strip(),
-                                       time.perf_counter() - start)
+    command = "nice -n 10 python benchmarks/darts_quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    machine_line = machine() + (f", {args.machine_note}" if args.machine_note else "")
+    markdown, glance, summary = report(searches, randoms, runs, budget, args.band, command.strip(), machine_line)
     print(markdown)
     if not args.no_write:
         name = args.name or ("darts_quality_quick" if args.quick else "darts_quality")
-        path = write_results(name, markdown, command=command.strip(), glance=[] if args.quick else glance)
+        path = write_results(name, markdown, command=command.strip(), glance=[] if args.quick else glance,
+                             machine_line=machine_line)
         record = json.loads(path.with_suffix(".json").read_text())
         record["summary"] = json.loads(json.dumps(summary, default=str))
         _write_json(path.with_suffix(".json"), record)
