@@ -299,10 +299,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="results file stem (default darts_quality[_quick])")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
     parser.add_argument("--machine-note", default="", help="appended to the machine line, e.g. 'loaded by other jobs'")
+    parser.add_argument("--retrain-images", type=int, default=None,
+                        help=f"training images per retrain (default {FULL['retrain_images']}; the searches are reused)")
+    parser.add_argument("--retrain-epochs", type=int, default=None,
+                        help=f"epochs per retrain (default {FULL['retrain_epochs']}; the searches are reused)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    budget = QUICK if args.quick else FULL
+    budget = dict(QUICK if args.quick else FULL)
+    for key in ("retrain_images", "retrain_epochs"):  # a longer retrain reuses the searches (keyed by SEARCH_KEYS)
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{key.replace('_', '-')} {value}: must be a positive integer")
+            budget[key] = value
     seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
     workdir = args.workdir / ("quick" if args.quick else "full")
     searches = {(m, s): run_search(m, s, budget, workdir) for s in seeds for m in SEARCHES}
