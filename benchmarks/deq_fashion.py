@@ -110,6 +110,14 @@ CONFIG_RECIPE = "wide_b4"
 # training cap and keeps its accuracy at larger test-time caps (tests/implicit/test_equilibrium_caps.py)
 add_recipe("wide_b4_jr", "the wide_b4 recipe with Jacobian regularisation (weight 0.4) on every step instead of 10 %.",
            base="wide_b4", jac=JacobianSchedule(weight=0.4, prob=1.0, cap_jitter=2, seed=0))
+add_recipe("wide_b4_jr2", "the wide_b4 recipe with the JR paper's regularisation strength (weight 2.0 on 25 % of the "
+           "steps, cap jitter -2..+1) instead of weight 0.4 on 10 %.", base="wide_b4", jac=JAC)
+add_recipe("wide_b4_jr2_p50", "wide_b4_jr2 with the regularisation on 50 % of the steps.", base="wide_b4",
+           jac=JacobianSchedule(weight=2.0, prob=0.5, cap_jitter=2, seed=0))
+add_recipe("wide_b4_f12", "the wide_b4 recipe with forward cap 12 in training and at test time (training solves "
+           "that reach the tolerance).", base="wide_b4", f_max_iter=12, eval_f_max_iter=12)
+add_recipe("wide_b4_jr_f12", "wide_b4_jr (regularisation weight 0.4 on every step) with forward cap 12 in training "
+           "and at test time.", base="wide_b4_jr", f_max_iter=12, eval_f_max_iter=12)
 
 
 EVAL_CAPS = (3, 4, 5, 6, 8, 12, 16)  # forward caps at test time swept on the final models (issue 22: up to 16)
@@ -220,12 +228,13 @@ class Trainee:
         self.step += 1
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
-        """Test accuracy, median seconds per inference batch, mean forward evaluations."""
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, float, float]:
+        """Test accuracy, median seconds per inference batch, mean forward evaluations, and the share of samples
+        whose forward solve reached its tolerance (issue 22's target; 1.0 for the ResNet)."""
         self.net.eval()
         if self.deq is not None:
             self.deq.mode = "equilibrium"
-        correct, times, nfe = 0, [], []
+        correct, times, nfe, reached = 0, [], [], 0
         for lo in range(0, len(y), batch_size):
             t0 = time.perf_counter()
             logits = self.net(x[lo : lo + batch_size])
@@ -233,7 +242,9 @@ class Trainee:
             correct += int((logits.argmax(1) == y[lo : lo + batch_size]).sum())
             if self.deq is not None:
                 nfe.append(self.deq.last_stats.forward.nfe)
-        return correct / len(y), statistics.median(times), statistics.mean(nfe) if nfe else 0.0
+                reached += int(self.deq.last_stats.forward.converged.sum())
+        share = reached / len(y) if self.deq is not None else 1.0
+        return correct / len(y), statistics.median(times), statistics.mean(nfe) if nfe else 0.0, share
 
 
 def run_seed(seed: int, recipes: list[str], args: argparse.Namespace, train, test) -> dict[str, list[dict]]:
@@ -268,7 +279,7 @@ def run_seed(seed: int, recipes: list[str], args: argparse.Namespace, train, tes
         first = t_epoch[trainees[0].name]
         solving = [not any(t.warm[k] for t in trainees) for k in range(first, first + steps_per_epoch)]
         for t in trainees:
-            acc, infer_s, eval_nfe = t.evaluate(x_test[: args.test_subset], y_test[: args.test_subset], 250)
+            acc, infer_s, eval_nfe, _ = t.evaluate(x_test[: args.test_subset], y_test[: args.test_subset], 250)
             steps = t.step_s[t_epoch[t.name] :]
             solved = [dt for dt, keep in zip(steps, solving) if keep] or steps
             nfe = t.nfe[-steps_per_epoch:]
@@ -293,10 +304,11 @@ def run_seed(seed: int, recipes: list[str], args: argparse.Namespace, train, tes
         original, t.sweep = t.deq.config.eval_f_max_iter, []
         for cap in EVAL_CAPS:
             t.deq.config.eval_f_max_iter = cap
-            val_acc, _, _ = t.evaluate(x_val, y_val, 250)
-            acc, infer_s, nfe = t.evaluate(x_test, y_test, 250)
-            _, ref_s, _ = trainees[0].evaluate(x_test, y_test, 250)
-            t.sweep.append({"cap": cap, "val_acc": val_acc, "acc": acc, "infer_ratio": infer_s / ref_s, "nfe": nfe})
+            val_acc, _, _, _ = t.evaluate(x_val, y_val, 250)
+            acc, infer_s, nfe, reached = t.evaluate(x_test, y_test, 250)
+            _, ref_s, _, _ = trainees[0].evaluate(x_test, y_test, 250)
+            t.sweep.append({"cap": cap, "val_acc": val_acc, "acc": acc, "infer_ratio": infer_s / ref_s, "nfe": nfe,
+                            "reached": reached})
         t.deq.config.eval_f_max_iter = original
         t.epochs[-1]["sweep"] = t.sweep
         t.epochs[-1]["chosen_cap"] = choose_cap(t.sweep, original)
@@ -397,7 +409,9 @@ def report(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace, 
             acc = statistics.mean(100 * sw[i]["acc"] for sw in sweeps)
             ratio = statistics.mean(sw[i]["infer_ratio"] for sw in sweeps)
             val = f"{statistics.mean(100 * sw[i]['val_acc'] for sw in sweeps):.2f} / " if with_val else ""
-            cells.append(f"{val}{acc:.2f} % at {ratio:.1f}x")
+            reached = (f" ({statistics.mean(100 * sw[i]['reached'] for sw in sweeps):.0f} % reach tol)"
+                       if "reached" in sweeps[0][i] else "")
+            cells.append(f"{val}{acc:.2f} %{reached} at {ratio:.1f}x")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name in names:
         finals = [results[s][name][-1] for s in seeds]
@@ -471,13 +485,18 @@ def main() -> None:
 def add_cap_sweep(path: Path, results: dict[int, dict[str, list[dict]]]) -> None:
     """Add the test-time cap sweep to the results JSON (issue 22): ``config_cap`` (the test-time cap of the config
     recipe), ``cap_sweep`` = {seed: {cap: test accuracy %}} for the config recipe (or the first DEQ recipe run), and
-    ``cap_sweep_by_recipe`` = {recipe: {seed: {cap: test accuracy %}}} for every DEQ recipe."""
+    ``cap_sweep_by_recipe`` = {recipe: {seed: {cap: test accuracy %}}} for every DEQ recipe and
+    ``cap_reached_by_recipe`` (the same layout: % of test samples whose forward solve reached the tolerance)."""
     by_recipe: dict[str, dict[str, dict[str, float]]] = {}
+    reached: dict[str, dict[str, dict[str, float]]] = {}
     for seed, models in sorted(results.items()):
         for name, epochs in models.items():
             if "sweep" in epochs[-1]:
                 by_recipe.setdefault(name, {})[str(seed)] = {str(row["cap"]): round(100 * row["acc"], 2)
                                                              for row in epochs[-1]["sweep"]}
+                if "reached" in epochs[-1]["sweep"][0]:
+                    reached.setdefault(name, {})[str(seed)] = {str(row["cap"]): round(100 * row["reached"], 1)
+                                                               for row in epochs[-1]["sweep"]}
     if not by_recipe:
         return
     main = next((n for n in by_recipe if CONFIG_RECIPE in n), next(iter(by_recipe)))
@@ -485,7 +504,8 @@ def add_cap_sweep(path: Path, results: dict[int, dict[str, list[dict]]]) -> None
     deq = RECIPES[CONFIG_RECIPE]["deq"]
     config_cap = deq.get("eval_f_max_iter") or deq.get("f_max_iter")
     record.update({"config_cap": config_cap, "cap_sweep_recipe": main,
-                   "cap_sweep": by_recipe[main], "cap_sweep_by_recipe": by_recipe})
+                   "cap_sweep": by_recipe[main], "cap_sweep_by_recipe": by_recipe,
+                   "cap_reached_by_recipe": reached})  # % of test samples whose solve reached the tolerance
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
