@@ -30,6 +30,9 @@ Usage::
 
     nice -n 10 python benchmarks/darts_quality.py --quick          # smoke (about a minute): tiny net, one seed
     nice -n 10 python benchmarks/darts_quality.py --seeds 0 1 2    # the reported run (1 torch thread)
+    # a longer retrain, one process per seed (the searches are reused from the workdir):
+    nice -n 10 python benchmarks/darts_quality.py --seeds 0 --size-seeds 0 1 2 --retrain-images 6000  # (and 1, 2)
+    nice -n 10 python benchmarks/darts_quality.py --seeds 0 1 2 --retrain-images 6000   # then: tabulate all
 """
 
 from __future__ import annotations
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="results file stem (default darts_quality[_quick])")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
     parser.add_argument("--machine-note", default="", help="appended to the machine line, e.g. 'loaded by other jobs'")
+    parser.add_argument("--size-seeds", type=int, nargs="+", default=None,
+                        help="seeds whose RLNAS picks set the random genotypes' size (default --seeds); give the "
+                             "full list when seeds run as separate processes, so that all draw the same genotypes")
     parser.add_argument("--retrain-images", type=int, default=None,
                         help=f"training images per retrain (default {FULL['retrain_images']}; the searches are reused)")
     parser.add_argument("--retrain-epochs", type=int, default=None,
@@ -316,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
     workdir = args.workdir / ("quick" if args.quick else "full")
     searches = {(m, s): run_search(m, s, budget, workdir) for s in seeds for m in SEARCHES}
-    target = statistics.fmean(network_params(searches[("rlnas", s)]["genotype"], budget) for s in seeds)
+    size_seeds = args.size_seeds or seeds
+    picks = [run_search("rlnas", s, budget, workdir)["genotype"] for s in size_seeds]
+    target = statistics.fmean(network_params(genotype, budget) for genotype in picks)
     randoms_path = workdir / "random_genotypes.json"
     drawn = {"target": target, "band": args.band, "count": args.randoms, "C": budget["C"], "layers": budget["layers"]}
     saved = json.loads(randoms_path.read_text()) if randoms_path.is_file() else {}
