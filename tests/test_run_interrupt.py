@@ -79,9 +79,15 @@ def test_sigterm_mid_epoch_saves_last_ckpt_and_the_resume_equals_the_uninterrupt
 
 
 def test_ctrl_c_saves_last_ckpt_and_exits_130(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(five_steps(tmp_path, "--trainer.callbacks+=tests.test_run_interrupt.SignalAt",
-                        "--trainer.callbacks.step=2", "--trainer.callbacks.signal=SIGINT"))
+    # Ctrl-C in a terminal reaches Python's KeyboardInterrupt handler; a harness that starts pytest as a background
+    # job of a non-interactive shell (`cmd &`) hands it SIGINT ignored, which would make the signal a no-op here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(five_steps(tmp_path, "--trainer.callbacks+=tests.test_run_interrupt.SignalAt",
+                            "--trainer.callbacks.step=2", "--trainer.callbacks.signal=SIGINT"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert exit_info.value.code == 130
     last = tmp_path / "run" / "fit" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
