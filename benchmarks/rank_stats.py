@@ -51,6 +51,12 @@ def within_group_tau(score: np.ndarray, acc: np.ndarray, groups: np.ndarray, min
     return total / weight if weight else float("nan")
 
 
+def unit_ranks(score: np.ndarray) -> np.ndarray:
+    """Ranks of ``score`` scaled to [0, 1] (ties broken by position), for summing two scores' ranks."""
+    score = np.asarray(score)
+    return np.argsort(np.argsort(score, kind="stable"), kind="stable") / (len(score) - 1)
+
+
 def top_k_mean(score: np.ndarray, acc: np.ndarray, k: int) -> float:
     """Mean accuracy of the ``k`` highest-scored cells (ties broken by position, i.e. official index order).
 

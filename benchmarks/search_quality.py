@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import gzip
 import itertools
 import json
@@ -56,11 +55,16 @@ from typing import Any
 import numpy as np
 import yaml
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rank_stats import t_interval, within_group_tau  # noqa: E402
+from rank_stats import t_interval, top_k_mean, unit_ranks, within_group_tau  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
+
+from lightning_nd.callbacks import ProgressivePruner  # noqa: E402
+from lightning_nd.nas.arch import alive_options  # noqa: E402
+from lightning_nd.nas.flops import ArchCost  # noqa: E402
 
 NASWOT_V1 = ROOT / "benchmarks" / "data" / "naswot_v1_nb201_cifar10_scores.csv.gz"
 RECIPES = ("quickstart", "rlnas", "cells_angle", "rlnas_naswot", "naswot", "params_shrink_naswot",
@@ -152,40 +156,26 @@ class ControlShrink(Callback):
                                           "alive": alive_options(net)}, indent=2), folder / "shrunk_space.json")
 
 
-@functools.cache
-def _size_aware_pruner() -> type:
-    """``AngleSizePruner``: built once on first use, so that importing this module does not import the package."""
-    from lightning_nd.callbacks import ProgressivePruner
-    from lightning_nd.nas.arch import alive_options
-    from lightning_nd.nas.flops import ArchCost
+class AngleSizePruner(ProgressivePruner):
+    """The quickstart's pruner with each cell scored by the rank sum of its angle and its parameter count.
 
-    class AngleSizePruner(ProgressivePruner):
-        """The quickstart's pruner with each cell scored by the rank sum of its angle and its parameter count.
+    The one combination that ranks all 15,625 cells better than size alone (``--all-cells``: Kendall tau +0.017 over
+    the parameter count on every seed), tried as the shrink rule: per shrink step every alive cell gets ``(rank of
+    its angle + rank of its parameter count) / (2 * cells)`` (average ranks for ties), and an op scores the mean over
+    the cells containing it (the pruner's exhaustive rule; NB201's shrunk spaces are always enumerated).
+    """
 
-        The one combination that ranks all 15,625 cells better than size alone (``--all-cells``: Kendall tau
-        +0.017 over the parameter count on every seed), tried as the shrink rule: per shrink step every alive cell
-        gets ``(rank of its angle + rank of its parameter count) / (2 * cells)``, and an op scores the mean over the
-        cells containing it (the pruner's exhaustive rule; NB201's shrunk spaces are always enumerated).
-        """
+    @override
+    def score_ops(self, stats: Any, net: Any, rng: Any, trainer: Any = None) -> dict[tuple[int, int], float]:
+        from scipy.stats import rankdata
 
-        def score_ops(self, stats: Any, net: Any, rng: Any, trainer: Any = None) -> dict[tuple[int, int], float]:
-            from scipy.stats import rankdata
-
-            options = alive_options(net)
-            archs = np.array(list(itertools.product(*options)), dtype=np.int64)
-            angle = rankdata(stats.path_angles(archs, self._weight_free()))
-            size = rankdata(ArchCost(net, trainer.datamodule.input_shape).params_many(archs))
-            combined = (angle + size) / (2 * len(archs))
-            return {(d, o): float(combined[archs[:, d] == o].mean())
-                    for d, opts in enumerate(options) if len(opts) > 1 for o in opts}
-
-    return AngleSizePruner
-
-
-def __getattr__(name: str) -> Any:  # jsonargparse resolves "search_quality.AngleSizePruner" through this
-    if name == "AngleSizePruner":
-        return _size_aware_pruner()
-    raise AttributeError(name)
+        options = alive_options(net)
+        archs = np.array(list(itertools.product(*options)), dtype=np.int64)
+        angle = rankdata(stats.path_angles(archs, self._weight_free()))
+        size = rankdata(ArchCost(net, trainer.datamodule.input_shape).params_many(archs))
+        combined = (angle + size) / (2 * len(archs))
+        return {(d, o): float(combined[archs[:, d] == o].mean())
+                for d, opts in enumerate(options) if len(opts) > 1 for o in opts}
 
 
 def run_recipe(recipe: str, seed: int, threads: int, out: Path) -> dict:
@@ -334,6 +324,32 @@ def recipes_record(runs: list[dict]) -> dict:
     return record
 
 
+def nb201_cells() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All 15,625 NB201 cells in the table's order: CIFAR-10 test accuracy, architectures, parameter counts."""
+    from lightning_nd.nas.bench import NB201
+    from lightning_nd.nas.spaces.nb201 import str_to_arch
+
+    bench = NB201()
+    acc = bench.accuracies("cifar10")
+    archs = np.array([str_to_arch(bench.arch_str(i)) for i in range(len(acc))])
+    return acc, archs, np.array([NB201.params(a.tolist()) for a in archs])
+
+
+def load_supernet(ckpt: Path) -> tuple[Any, dict]:
+    """The quickstart's SupernetModule from a checkpoint (eval mode) and its AngleTracker state."""
+    import torch
+
+    from lightning_nd.modules import SupernetModule
+
+    args = recipe_config("quickstart")["model"]["init_args"]
+    data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model = SupernetModule(args["supernet"], num_classes=args["num_classes"], in_chans=args["in_chans"],
+                           space_kwargs=args["space_kwargs"], calib_batches=args["calib_batches"])
+    model.load_state_dict(data["state_dict"])
+    model.eval()
+    return model, next(v for k, v in data["callbacks"].items() if "AngleTracker" in k)
+
+
 def all_cell_rows(out: Path, seeds: list[int], threads: int = 1) -> list[dict]:
     """Rank table over all 15,625 cells on the final checkpoint of every quickstart run found under ``out``.
 
@@ -342,24 +358,13 @@ def all_cell_rows(out: Path, seeds: list[int], threads: int = 1) -> list[dict]:
     rank sum (each normalised to [0, 1]); and the angle's tau inside groups of equal parameter count (weighted by
     group size: what the angle knows beyond size; the parameter count scores 0 there).
     """
-    import torch
     from scipy.stats import kendalltau
 
     from lightning_nd.callbacks import AngleTracker
-    from lightning_nd.modules import SupernetModule
-    from lightning_nd.nas.bench import NB201
-    from lightning_nd.nas.spaces.nb201 import str_to_arch
 
-    bench = NB201()
-    acc = bench.accuracies("cifar10")
-    archs = np.array([str_to_arch(bench.arch_str(i)) for i in range(len(acc))])
-    params = np.array([NB201.params(a.tolist()) for a in archs])
+    acc, archs, params = nb201_cells()
     tracker_args = next(c["init_args"] for c in recipe_config("quickstart")["trainer"]["callbacks"]
                         if c["class_path"].endswith("AngleTracker"))
-    model_args = recipe_config("quickstart")["model"]["init_args"]
-
-    def ranks(x: np.ndarray) -> np.ndarray:
-        return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (len(x) - 1)
 
     rows = []
     for folder in sorted((out / "quickstart").glob(f"s*_t{threads}")):
@@ -368,18 +373,15 @@ def all_cell_rows(out: Path, seeds: list[int], threads: int = 1) -> list[dict]:
             continue
         if int(folder.name[1:].split("_")[0]) not in seeds:
             continue
-        data = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        model = SupernetModule(model_args["supernet"], num_classes=model_args["num_classes"],
-                               in_chans=model_args["in_chans"], space_kwargs=model_args["space_kwargs"])
-        model.load_state_dict(data["state_dict"])
+        model, state = load_supernet(ckpts[-1])
         tracker = AngleTracker(**tracker_args)
-        tracker.load_state_dict(next(v for k, v in data["callbacks"].items() if "AngleTracker" in k))
+        tracker.load_state_dict(state)
         tracker.compute_statistics(model)
         angle = tracker.path_angles(archs)
         row = {"seed": int(folder.name[1:].split("_")[0])}
-        for name, score in (("angle", angle), ("params", params), ("angle+params", ranks(angle) + ranks(params))):
-            row[name] = {"tau": float(kendalltau(score, acc)[0]),
-                         "top1000": float(acc[np.argsort(-score, kind="stable")[:1000]].mean())}
+        for name, score in (("angle", angle), ("params", params),
+                            ("angle+params", unit_ranks(angle) + unit_ranks(params))):
+            row[name] = {"tau": float(kendalltau(score, acc)[0]), "top1000": top_k_mean(score, acc, 1000)}
         row["angle_within_params_tau"] = float(within_group_tau(angle, acc, np.round(params, 6)))
         rows.append(row)
     return rows

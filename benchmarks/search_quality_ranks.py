@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rank_stats import rank_summary, t_interval
+from rank_stats import rank_summary, t_interval, unit_ranks
 from results_io import machine, write_results
-from search_quality import fit_config, recipe_config
+from search_quality import fit_config, load_supernet, nb201_cells, recipe_config
 
 LABELS = ("random", "true")
 SAMPLE = 200
@@ -81,21 +81,6 @@ def train(labels: str, seed: int, out: Path) -> tuple[Path, float]:
     return ckpts[-1], json.loads((folder / "wall.json").read_text())["wall_s"]
 
 
-def load(ckpt: Path) -> tuple[object, dict]:
-    """The SupernetModule of a checkpoint and its AngleTracker state."""
-    import torch
-
-    from lightning_nd.modules import SupernetModule
-
-    args = recipe_config("quickstart")["model"]["init_args"]
-    data = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model = SupernetModule(args["supernet"], num_classes=args["num_classes"], in_chans=args["in_chans"],
-                           space_kwargs=args["space_kwargs"], calib_batches=args["calib_batches"])
-    model.load_state_dict(data["state_dict"])
-    model.eval()
-    return model, next(v for k, v in data["callbacks"].items() if "AngleTracker" in k)
-
-
 def angles(model: object, state: dict, archs: np.ndarray) -> dict[str, np.ndarray]:
     """Official (preset defaults) and cells-only RLNAS-NB201 path angles of ``archs`` against the run's reference."""
     from lightning_nd.callbacks import AngleTracker
@@ -131,13 +116,10 @@ def seed_record(seed: int, out: Path) -> dict:
     import torch
 
     from lightning_nd.nas.bench import NB201, rank_correlation
-    from lightning_nd.nas.spaces.nb201 import str_to_arch
 
     torch.set_num_threads(1)
     bench = NB201()
-    acc = bench.accuracies("cifar10")
-    archs = np.array([str_to_arch(bench.arch_str(i)) for i in range(len(acc))])
-    params = np.array([NB201.params(a.tolist()) for a in archs])
+    acc, archs, params = nb201_cells()
     sample = np.array([bench.index(c) for c in bench.sample(SAMPLE, seed=0)])
     seconds: dict[str, float] = {}
     scores: dict[str, np.ndarray] = {PARAMS: params}
@@ -145,16 +127,13 @@ def seed_record(seed: int, out: Path) -> dict:
     for labels in LABELS:
         ckpt, seconds[f"train {labels} labels"] = train(labels, seed, out)
         start = time.perf_counter()
-        model, state = load(ckpt)
+        model, state = load_supernet(ckpt)
         for vector, value in angles(model, state, archs).items():
             scores[f"angle {vector}, {labels} labels"] = value
         seconds[f"angles {labels} labels (all cells)"] = time.perf_counter() - start
         models[labels] = model
 
-    def ranks(x: np.ndarray) -> np.ndarray:
-        return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (len(x) - 1)
-
-    scores[COMBINED] = ranks(scores[QUICKSTART_ANGLE]) + ranks(params)
+    scores[COMBINED] = unit_ranks(scores[QUICKSTART_ANGLE]) + unit_ranks(params)
     start = time.perf_counter()
     sample_scores = {name: value[sample] for name, value in scores.items()}
     sample_scores[ACCURACY] = supernet_accuracy(models["true"], seed, archs[sample])
