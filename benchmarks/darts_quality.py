@@ -52,11 +52,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rank_stats import t_interval  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
 from lightning_nd.nas import build_space  # noqa: E402
 from lightning_nd.nas.sampler import PathSampler  # noqa: E402
 from lightning_nd.nas.spaces.darts import GENOTYPES, arch_to_genotype, build_network, genotype_to_dict  # noqa: E402
+from lightning_nd.utils import atomic_write_text  # noqa: E402
 
 RANDOM_SEED = 2025
 SEARCHES = ("rlnas", "params", "naswot", "min_params")
@@ -141,10 +143,7 @@ def _cached(path: Path, budget: dict, keys: tuple[str, ...]) -> dict | None:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
 
 
 def run_search(method: str, seed: int, budget: dict, workdir: Path) -> dict:
@@ -240,7 +239,8 @@ def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: 
     paired = {}
     for control in ("params", "min_params", "naswot", "darts_v2"):
         diffs = [rows["rlnas"]["acc"][s] - rows[control]["acc"][s] for s in seeds]
-        paired[control] = {"per_seed": diffs, "mean": _mean_std(diffs)[0], "std": _mean_std(diffs)[1]}
+        paired[control] = {"per_seed": diffs, "mean": _mean_std(diffs)[0], "std": _mean_std(diffs)[1],
+                           "ci95": t_interval(diffs) if len(diffs) > 1 else None}
     met = margin > random_spread
     wall_s = sum(r["wall_s"] for r in searches.values()) + sum(r["wall_s"] for r in runs.values())
     lines = [
@@ -267,11 +267,12 @@ def report(searches: dict, randoms: list[dict], runs: dict, budget: dict, band: 
         f"**Target (RLNAS mean - random mean > random spread): {margin:+.2f} vs {random_spread:.2f} -> "
         f"{'met' if met else 'NOT met'}.**", "",
         "Paired differences per seed (same seed, same data order):", "",
-        "| RLNAS - | per seed (points) | mean +- std |", "|---|---|---|",  # params = the max-params control
+        "| RLNAS - | per seed (points) | mean +- std | 95 % t-interval |", "|---|---|---|---|",  # params = max
     ]
     for control, p in paired.items():
+        ci = f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]" if p["ci95"] else "-"
         lines.append(f"| {control} | {', '.join(f'{d:+.2f}' for d in p['per_seed'])} | "
-                     f"{p['mean']:+.2f} +- {p['std']:.2f} |")
+                     f"{p['mean']:+.2f} +- {p['std']:.2f} | {ci} |")
     lines += ["", "Picks (normal / reduce cells):", ""]
     for (method, seed), record in sorted(searches.items()):
         g = record["genotype"]
