@@ -118,6 +118,12 @@ add_recipe("wide_b4_f12", "the wide_b4 recipe with forward cap 12 in training an
            "that reach the tolerance).", base="wide_b4", f_max_iter=12, eval_f_max_iter=12)
 add_recipe("wide_b4_jr_f12", "wide_b4_jr (regularisation weight 0.4 on every step) with forward cap 12 in training "
            "and at test time.", base="wide_b4_jr", f_max_iter=12, eval_f_max_iter=12)
+# the equilibrium recipe at the config's cost: the adjoint solve (4 vector-Jacobian products) replaced by a 2-step
+# phantom gradient (Geng et al. 2021; damping 0.7 as torchdeq suggests for MDEQ) pays for the longer forward solve
+add_recipe("wide_b4_f12_ph2", "wide_b4_f12 with a 2-step phantom gradient (tau 0.7) instead of the adjoint solve.",
+           base="wide_b4_f12", backward="phantom", phantom_steps=2, phantom_tau=0.7)
+add_recipe("wide_b4_f16_ph2", "wide_b4_f12_ph2 with forward cap 16 in training and at test time.",
+           base="wide_b4_f12_ph2", f_max_iter=16, eval_f_max_iter=16)
 
 
 EVAL_CAPS = (3, 4, 5, 6, 8, 12, 16)  # forward caps at test time swept on the final models (issue 22: up to 16)

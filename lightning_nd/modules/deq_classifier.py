@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from lightning_nd.implicit import MDEQ, JacobianSchedule, find_deqs
+from lightning_nd.implicit import MDEQ, DEQConfig, JacobianSchedule, find_deqs
 from lightning_nd.implicit.jacobian import jacobian_step
 from lightning_nd.modules.classifier import ImageClassifier
 
@@ -39,17 +39,23 @@ class DEQClassifier(ImageClassifier):
         label_smoothing: cross-entropy label smoothing in [0, 1).
         optimizer: callable taking the parameters; default SGD (``default_optimizer``).
         lr_scheduler: callable taking the optimizer, stepped every epoch.
-        model_kwargs: keyword arguments of the default ``MDEQ`` (channels, ``deq`` options, ...).
+        model_kwargs: keyword arguments of the default ``MDEQ`` (channels, widths, ...).
+        deq: the default ``MDEQ``'s solver options (:class:`~lightning_nd.implicit.DEQConfig`). A typed argument, so
+            the CLI overrides one field and keeps the others (``--model.deq.f_max_iter 12``); inside the plain dict
+            ``model_kwargs`` such an override would replace the whole ``deq`` dict. ``model_kwargs["deq"]`` is
+            still accepted when this is not given.
         jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch, forward-cap jitter);
             default off (the shipped configs turn it on).
 
     Raises:
         ValueError: if the network contains no DEQ layer or a DEQ layer built with ``jac_reg=True`` (the schedule
-            decides), and for the :class:`ImageClassifier` errors.
+            decides), if ``model_kwargs`` or ``deq`` come with a given ``model``, if the DEQ options are given both
+            as ``deq`` and as ``model_kwargs["deq"]``, and for the :class:`ImageClassifier` errors.
 
     Example::
 
         model = DEQClassifier(num_classes=10, in_chans=1, model_kwargs={"channels": [8, 16], "head_channels": [4, 8]},
+                              deq=DEQConfig(f_max_iter=12, f_tol=2e-2, f_stop_mode="rel"),
                               jac_reg=JacobianSchedule(weight=0.5, prob=0.2))
         trainer = Trainer(callbacks=[DEQMonitor(), DEQWarmup(warmup_steps=200)])
         trainer.fit(model, datamodule=FashionMNISTDataModule())
@@ -65,11 +71,17 @@ class DEQClassifier(ImageClassifier):
         lr_scheduler: LRSchedulerCallable | None = None,
         model_kwargs: dict[str, Any] | None = None,
         jac_reg: JacobianSchedule | None = None,
+        deq: DEQConfig | None = None,
     ) -> None:
         if model is None:
-            model = MDEQ(num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-        elif model_kwargs:
-            raise ValueError("model_kwargs only apply to the default MDEQ; configure the given model directly")
+            kwargs = dict(model_kwargs or {})
+            if deq is not None:
+                if "deq" in kwargs:
+                    raise ValueError("the DEQ options are given twice, as deq and as model_kwargs['deq']; keep one")
+                kwargs["deq"] = deq
+            model = MDEQ(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        elif model_kwargs or deq is not None:
+            raise ValueError("model_kwargs and deq only apply to the default MDEQ; configure the given model directly")
         super().__init__(model, num_classes, in_chans, label_smoothing, optimizer, lr_scheduler)
         deqs = find_deqs(self.net)
         if not deqs:

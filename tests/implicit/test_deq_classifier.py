@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_nd.cli import create_cli, main
-from lightning_nd.implicit import JacobianSchedule
+from lightning_nd.implicit import DEQConfig, JacobianSchedule
 from lightning_nd.modules import DEQClassifier
 from tests.implicit.helpers import TinyDEQNet, tiny_loaders
 
@@ -46,8 +46,12 @@ def test_classifier_adds_jacobian_loss_on_scheduled_steps(prob):
 def test_classifier_needs_a_deq():
     with pytest.raises(ValueError, match="at least one DEQ layer"):
         DEQClassifier(torch.nn.Linear(3, 3), num_classes=3)
-    with pytest.raises(ValueError, match="model_kwargs only apply"):
+    with pytest.raises(ValueError, match="model_kwargs and deq only apply"):
         DEQClassifier(TinyDEQNet(), num_classes=3, model_kwargs={"channels": [4]})
+    with pytest.raises(ValueError, match="model_kwargs and deq only apply"):
+        DEQClassifier(TinyDEQNet(), num_classes=3, deq=DEQConfig(f_max_iter=4))
+    with pytest.raises(ValueError, match=r"given twice, as deq and as model_kwargs\['deq'\]"):
+        DEQClassifier(num_classes=3, in_chans=1, model_kwargs={"deq": {"f_max_iter": 4}}, deq=DEQConfig(f_max_iter=5))
     with pytest.raises(ValueError, match=r"\['deq'\] were built with jac_reg=True.*JacobianSchedule"):
         DEQClassifier(TinyDEQNet(jac_reg=True), num_classes=3)
 
@@ -75,6 +79,18 @@ def test_tiny_fashion_config_is_the_benchmarked_recipe(repo_root, monkeypatch):
     jac, ref = cli.model.jac_schedule, recipe["jac"]
     assert (jac.weight, jac.prob, jac.cap_jitter) == (ref.weight, ref.prob, ref.cap_jitter) == (0.4, 0.1, 2)
     assert {jac.cap_delta(step, 0) for step in range(400)} == {-2, -1, 0, 1}
+
+
+def test_cli_overrides_one_solver_option_and_keeps_the_others(repo_root):
+    # `deq` is a typed DEQConfig argument: a command-line override changes one field; in the plain `model_kwargs`
+    # dict the same override replaced the whole `deq` dict and silently dropped the config's tolerances and caps
+    config = f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml"
+    base = create_cli(["-c", config, "--trainer.logger=false"], run=False).model.net.deq.config
+    cfg = create_cli(["-c", config, "--trainer.logger=false", "--model.deq.f_max_iter=12",
+                      "--model.deq.eval_f_max_iter=12"], run=False).model.net.deq.config
+    assert (cfg.f_max_iter, cfg.eval_f_max_iter) == (12, 12) != (base.f_max_iter, base.eval_f_max_iter)
+    for name in ("f_tol", "f_stop_mode", "b_max_iter", "b_tol", "b_stop_mode"):  # the fields set away from defaults
+        assert getattr(cfg, name) == getattr(base, name) != getattr(DEQConfig(), name), name
 
 
 def test_cifar_recipe_config_builds_mdeq_small(repo_root):
