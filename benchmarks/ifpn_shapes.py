@@ -16,7 +16,7 @@ order) plus ``map_one``, ``map_eq``, ``contraction``, ``gap`` and ``step_s`` per
 Usage::
 
     python benchmarks/ifpn_shapes.py --quick    # a smoke run (about a minute)
-    python benchmarks/ifpn_shapes.py --steps 1500 --necks fpn,ifpn,ifpn_explicit --seeds 0 1 2   # the deciding run
+    python benchmarks/ifpn_shapes.py --steps 1500 --necks fpn,ifpn,ifpn_explicit --seeds 0 1 2 3 4 5   # the deciding run
 
 Neck names (``NECKS``): ``fpn`` (torchvision), ``ifpn`` (``ImplicitFPN`` defaults: the residual cell of issue 22,
 P3-P7 inside the equilibrium, Anderson 12 / 12 at relative tolerance 5e-2), ``ifpn_explicit`` (the same cell and
@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rank_stats import t_interval
 from results_io import RESULTS_DIR, write_results
 
 from lightning_nd.datamodules import ShapesDetectionDataModule
@@ -257,20 +258,40 @@ def _span(values: list[float], fmt: str, unit: str = "") -> str:
     return f"{format(mean, fmt)}{unit} ({format(min(values), fmt)}{unit} to {format(max(values), fmt)}{unit})"
 
 
+def _paired(diffs: list[float]) -> str:
+    """Mean (min to max) of paired per-seed differences, their 95 % Student-t interval and how many are above 0."""
+    text = _span(diffs, "+.3f")
+    if len(diffs) >= 2:
+        lo, hi = t_interval(diffs)
+        text += f"; 95 % [{lo:+.3f}, {hi:+.3f}]; > 0 in {sum(d > 0 for d in diffs)} of {len(diffs)}"
+    return text
+
+
+def _glance_spread(diffs: list[float]) -> str:
+    text = f"{min(diffs):+.3f} to {max(diffs):+.3f} over {len(diffs)} seed(s)"
+    if len(diffs) >= 2:
+        lo, hi = t_interval(diffs)
+        text += f", paired 95 % [{lo:+.3f}, {hi:+.3f}]"
+    return text
+
+
 def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -> list[str]:
-    """Mean (min to max) over seeds of every neck's ratios and mAP, against the FPN and the previous defaults."""
+    """Mean (min to max) over seeds of every neck's ratios and mAP; the mAP differences against the FPN, the explicit
+    control and (for an i-FPN) the same trained cell applied once are paired by seed, with 95 % t-intervals."""
     seeds = sorted(per_seed)
     necks = list(dict.fromkeys(n for s in seeds for n in per_seed[s][0]))
     out = [f"## Summary over seeds {', '.join(map(str, seeds))}: mean (min to max)", "",
-           f"| neck | mAP | mAP minus FPN | mAP minus {PREVIOUS} | train step / FPN | eval time / FPN "
-           "| NFE fwd / bwd (train) |", "|---|---|---|---|---|---|---|"]
+           f"| neck | mAP | mAP minus FPN | mAP minus {PREVIOUS} | equilibrium minus one application (same trained "
+           "neck) | train step / FPN | eval time / FPN | NFE fwd / bwd (train) |", "|---|---|---|---|---|---|---|---|"]
     for neck in necks:
         rows = [per_seed[s][0] for s in seeds if neck in per_seed[s][0]]
         cell = {
             "map": _span([r[neck]["map"] for r in rows], ".3f"),
-            "fpn": _span([r[neck]["map"] - r["fpn"]["map"] for r in rows if "fpn" in r], "+.3f") if neck != "fpn" else "-",
-            "prev": _span([r[neck]["map"] - r[PREVIOUS]["map"] for r in rows if PREVIOUS in r], "+.3f")
+            "fpn": _paired([r[neck]["map"] - r["fpn"]["map"] for r in rows if "fpn" in r]) if neck != "fpn" else "-",
+            "prev": _paired([r[neck]["map"] - r[PREVIOUS]["map"] for r in rows if PREVIOUS in r])
             if neck not in (PREVIOUS, "fpn") and all(PREVIOUS in r for r in rows) else "-",
+            "eq": _paired([r[neck]["map_eq"] - r[neck]["map_one"] for r in rows])
+            if "map_one" in rows[0][neck] else "-",
             "step": _span([r[neck]["step_s"] / r["fpn"]["step_s"] for r in rows if "fpn" in r], ".2f", "x")
             if neck != "fpn" else "1.00x",
             "eval": _span([r[neck]["eval_s"] / r["fpn"]["eval_s"] for r in rows if "fpn" in r], ".2f", "x")
@@ -278,11 +299,11 @@ def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -
             "nfe": (f"{statistics.mean(r[neck]['f_nfe'] for r in rows):.1f} / "
                     f"{statistics.mean(r[neck]['b_nfe'] for r in rows):.1f}") if rows[0][neck]["f_nfe"] else "-",
         }
-        out.append(f"| {neck} | {cell['map']} | {cell['fpn']} | {cell['prev']} | {cell['step']} | {cell['eval']} "
-                   f"| {cell['nfe']} |")
-    out += ["", f"mAP after {steps} steps on {num_val} images varies by several points between seeds and between "
-            "settings of one seed, so a difference of a few points between two necks is not a measured effect; "
-            "the ratios of step times are consistent from seed to seed."]
+        out.append(f"| {neck} | {cell['map']} | {cell['fpn']} | {cell['prev']} | {cell['eq']} | {cell['step']} "
+                   f"| {cell['eval']} | {cell['nfe']} |")
+    out += ["", f"mAP after {steps} steps on {num_val} held-out images. Differences are paired by seed (same data "
+            "order, same initial weights for every shared module); one whose 95 % interval contains 0 is not a "
+            "measured effect at this number of seeds. The ratios of step times are consistent from seed to seed."]
     return out
 
 
@@ -362,15 +383,14 @@ def main() -> None:
              "value": f"{statistics.mean(values):.2f}x",
              "spread": f"{min(values):.2f}x-{max(values):.2f}x over {len(values)} seed(s)", "target": "<= 1.3x"},
             {"family": "i-FPN", "what": f"{neck} mAP minus FPN mAP ({args.steps} steps)",
-             "value": f"{statistics.mean(gap):+.3f}", "spread": f"{min(gap):+.3f} to {max(gap):+.3f} over "
-             f"{len(gap)} seed(s)", "target": ">= -0.01"},
+             "value": f"{statistics.mean(gap):+.3f}", "spread": _glance_spread(gap), "target": ">= -0.01"},
         ]
         prev = [rows[neck]["map"] - rows[PREVIOUS]["map"] for rows, _ in per_seed.values()
                 if neck in rows and PREVIOUS in rows]
         if prev and neck != PREVIOUS:
             glance.append({"family": "i-FPN", "what": f"{neck} mAP minus {PREVIOUS} mAP (the same cell applied "
                            f"once, {args.steps} steps)", "value": f"{statistics.mean(prev):+.3f}",
-                           "spread": f"{min(prev):+.3f} to {max(prev):+.3f} over {len(prev)} seed(s)",
+                           "spread": _glance_spread(prev),
                            "target": "> 0"})
     text = "\n".join(lines)
     print(text)
