@@ -93,6 +93,29 @@ def test_cli_overrides_one_solver_option_and_keeps_the_others(repo_root):
         assert getattr(cfg, name) == getattr(base, name) != getattr(DEQConfig(), name), name
 
 
+def test_equilibrium_overlay_is_the_benchmarked_equilibrium_recipe(repo_root, monkeypatch):
+    # issue 22: the overlay turns the shipped config into recipe wide_b4_f12 (trained at forward cap 12) solved at the
+    # swept test-time cap 16, changing nothing else (widths, adjoint solve, regularisation come from the base config)
+    monkeypatch.syspath_prepend(os.path.join(repo_root, "benchmarks"))
+    from deq_fashion import EVAL_CAPS, RECIPES, build_mdeq
+
+    base = f"{repo_root}/configs/implicit/mdeq_tiny_fashion.yaml"
+    overlay = f"{repo_root}/configs/implicit/mdeq_tiny_fashion_equilibrium.yaml"
+    plain = create_cli(["-c", base, "--trainer.logger=false"], run=False)
+    cli = create_cli(["-c", base, "-c", overlay, "--trainer.logger=false"], run=False)
+    cfg, benchmarked = cli.model.net.deq.config, build_mdeq(RECIPES["wide_b4_f12"])
+    assert [(n, p.shape) for n, p in cli.model.net.named_parameters()] == [
+        (n, p.shape) for n, p in benchmarked.named_parameters()]
+    for field in ("f_solver", "f_max_iter", "f_tol", "f_stop_mode", "b_solver", "b_max_iter", "b_tol", "b_stop_mode",
+                  "backward"):
+        assert getattr(cfg, field) == getattr(benchmarked.deq.config, field), field
+    assert cfg.f_max_iter == 12 and cfg.eval_f_max_iter == 16 in EVAL_CAPS
+    changed = {f for f in vars(cfg) if getattr(cfg, f) != getattr(plain.model.net.deq.config, f)}
+    assert changed == {"f_max_iter", "eval_f_max_iter"}
+    assert cli.model.jac_schedule == plain.model.jac_schedule
+    assert str(cli.trainer.default_root_dir) != str(plain.trainer.default_root_dir)  # its own run directory
+
+
 def test_cifar_recipe_config_builds_mdeq_small(repo_root):
     cli = create_cli(["-c", f"{repo_root}/configs/implicit/mdeq_small_cifar10.yaml", "--trainer.accelerator=cpu",
                       "--trainer.logger=false"], run=False)
