@@ -20,7 +20,8 @@ Usage::
 
 Neck names (``NECKS``): ``fpn`` (torchvision), ``ifpn`` (``ImplicitFPN`` defaults: the residual cell of issue 22,
 P3-P7 inside the equilibrium, Anderson 12 / 12 at relative tolerance 5e-2), ``ifpn_explicit`` (the same cell and
-parameters applied once from zero with plain backprop: the explicit control), ``ifpn_outside`` (P6/P7 on the
+parameters applied once from zero with plain backprop: the explicit control), ``ifpn_unrolled4`` (the same cell
+applied 4 times, weight-tied, plain backprop: explicit at the i-FPN's number of evaluations), ``ifpn_outside`` (P6/P7 on the
 equilibrium's output, as torchvision places them) and ``ifpn_jr`` (the defaults trained with the Jacobian
 regularisation schedule of ``DetectionModule(jac_reg=...)``).
 
@@ -62,6 +63,8 @@ NECKS: dict[str, tuple[str, dict, JacobianSchedule | None, str]] = {
              "at rel 5e-2, caps 12 / 12, exact implicit gradient)"),
     "ifpn_explicit": ("ifpn", ONE_APPLICATION, None, "the same cell and parameters applied once from zero with "
                       "plain backprop (the explicit control)"),
+    "ifpn_unrolled4": ("ifpn", {"mode": "unrolled", "unroll_layers": 4}, None, "the same cell applied 4 times from "
+                       "zero, weight-tied, with plain backprop (an explicit control with the i-FPN's ~4 evaluations)"),
     "ifpn_outside": ("ifpn", {"extra_inside": False}, None, "the defaults with P6/P7 computed outside the "
                      "equilibrium, on its output (as torchvision's FPN does)"),
     "ifpn_jr": ("ifpn", {}, JR, "the defaults with Jacobian regularisation, as `DetectionModule(jac_reg=...)` "
@@ -223,14 +226,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return {r.neck: r.evaluate(val, args.batch_size) for r in runners}
 
 
+def vs_fpn(rows: dict[str, dict], neck: str, key: str) -> float:
+    """``key`` (``step_s`` or ``eval_s``) of ``neck`` over the FPN's timed in the same process: a neck joined from
+    another dump by ``--merge`` carries its ratio to that dump's FPN (times of two processes do not compare)."""
+    return rows[neck].get(f"{key}_vs_fpn") or rows[neck][key] / rows["fpn"][key]
+
+
 def table(rows: dict[str, dict[str, float]]) -> list[str]:
     base = rows.get("fpn")
     out = ["| neck | mAP | mAP@50 | mAP one application / equilibrium | contraction / gap (end) | neck params "
            "| total params | solver NFE fwd / bwd (train: mean, max) | NFE (eval) | s / train step | ms / image (eval) "
            "| final loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for neck, r in rows.items():
-        ratio = f" ({r['step_s'] / base['step_s']:.2f}x)" if base and neck != "fpn" else ""
-        ratio_e = f" ({r['eval_s'] / base['eval_s']:.2f}x)" if base and neck != "fpn" else ""
+        ratio = f" ({vs_fpn(rows, neck, 'step_s'):.2f}x)" if base and neck != "fpn" else ""
+        ratio_e = f" ({vs_fpn(rows, neck, 'eval_s'):.2f}x)" if base and neck != "fpn" else ""
         nfe = f"{r['f_nfe']:.1f} / {r['b_nfe']:.1f}" if r["f_nfe"] else "-"
         if r["f_nfe"] and "f_nfe_max" in r:
             nfe += f" (max {r['f_nfe_max']} / {r['b_nfe_max']})"
@@ -281,8 +290,9 @@ def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -
     seeds = sorted(per_seed)
     necks = list(dict.fromkeys(n for s in seeds for n in per_seed[s][0]))
     out = [f"## Summary over seeds {', '.join(map(str, seeds))}: mean (min to max)", "",
-           f"| neck | mAP | mAP minus FPN | mAP minus {PREVIOUS} | equilibrium minus one application (same trained "
-           "neck) | train step / FPN | eval time / FPN | NFE fwd / bwd (train) |", "|---|---|---|---|---|---|---|---|"]
+           f"| neck | mAP | mAP minus FPN | mAP minus {PREVIOUS} | mAP minus ifpn | equilibrium minus one application "
+           "(same trained neck) | train step / FPN | eval time / FPN | NFE fwd / bwd (train) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for neck in necks:
         rows = [per_seed[s][0] for s in seeds if neck in per_seed[s][0]]
         cell = {
@@ -290,17 +300,19 @@ def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -
             "fpn": _paired([r[neck]["map"] - r["fpn"]["map"] for r in rows if "fpn" in r]) if neck != "fpn" else "-",
             "prev": _paired([r[neck]["map"] - r[PREVIOUS]["map"] for r in rows if PREVIOUS in r])
             if neck not in (PREVIOUS, "fpn") and all(PREVIOUS in r for r in rows) else "-",
+            "ifpn": _paired([r[neck]["map"] - r["ifpn"]["map"] for r in rows])
+            if neck not in ("ifpn", "fpn", PREVIOUS) and all("ifpn" in r for r in rows) else "-",
             "eq": _paired([r[neck]["map_eq"] - r[neck]["map_one"] for r in rows])
             if "map_one" in rows[0][neck] else "-",
-            "step": _span([r[neck]["step_s"] / r["fpn"]["step_s"] for r in rows if "fpn" in r], ".2f", "x")
+            "step": _span([vs_fpn(r, neck, "step_s") for r in rows if "fpn" in r], ".2f", "x")
             if neck != "fpn" else "1.00x",
-            "eval": _span([r[neck]["eval_s"] / r["fpn"]["eval_s"] for r in rows if "fpn" in r], ".2f", "x")
+            "eval": _span([vs_fpn(r, neck, "eval_s") for r in rows if "fpn" in r], ".2f", "x")
             if neck != "fpn" else "1.00x",
             "nfe": (f"{statistics.mean(r[neck]['f_nfe'] for r in rows):.1f} / "
                     f"{statistics.mean(r[neck]['b_nfe'] for r in rows):.1f}") if rows[0][neck]["f_nfe"] else "-",
         }
-        out.append(f"| {neck} | {cell['map']} | {cell['fpn']} | {cell['prev']} | {cell['eq']} | {cell['step']} "
-                   f"| {cell['eval']} | {cell['nfe']} |")
+        out.append(f"| {neck} | {cell['map']} | {cell['fpn']} | {cell['prev']} | {cell['ifpn']} | {cell['eq']} "
+                   f"| {cell['step']} | {cell['eval']} | {cell['nfe']} |")
     out += ["", f"mAP after {steps} steps on {num_val} held-out images. Differences are paired by seed (same data "
             "order, same initial weights for every shared module); one whose 95 % interval contains 0 is not a "
             "measured effect at this number of seeds. The ratios of step times are consistent from seed to seed."]
@@ -316,7 +328,8 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=None, help="validation images (default 200, quick 8)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default 0; with --merge, keep only these seeds of the dumps")
     parser.add_argument("--necks", default="fpn,ifpn,ifpn_explicit", help=f"comma-separated, from {sorted(NECK_KWARGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared CPU)")
     parser.add_argument("--log-every", type=int, default=50)
@@ -350,14 +363,21 @@ def main() -> None:
     per_seed: dict[int, tuple[dict, float]] = {}
     if args.merge:
         for path in args.merge:
-            per_seed.update({int(k): tuple(v) for k, v in json.loads(Path(path).read_text()).items()})
-        args.seeds = sorted(per_seed)
+            for key, (rows, minutes) in json.loads(Path(path).read_text()).items():
+                per_seed[int(key)] = combine(per_seed.get(int(key)), rows, minutes, int(key), path)
+        missing = sorted(set(args.seeds or []) - set(per_seed))
+        if missing:
+            parser.error(f"--seeds {missing} are in none of the --merge dumps (they hold {sorted(per_seed)})")
+        args.seeds = sorted(args.seeds or per_seed)
+        per_seed = {seed: per_seed[seed] for seed in args.seeds}
         given = "".join(f" --{flag} {value}" for flag, value, default in (
             ("num-val", args.num_val, 200), ("diag-every", args.diag_every, 250)) if value != default)
         command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps}{given} --necks {args.necks} --seeds "
                    f"{' '.join(map(str, args.seeds))}")
         lines[2] = (f"`{command}` (seeds run in one or more processes, each writing --raw, and merged with "
-                    "--merge)")
+                    "--merge; a neck joined from another process's dump of the same seed is timed against that "
+                    "process's FPN)")
+    args.seeds = args.seeds or [0]
     for seed in args.seeds:
         if seed not in per_seed:
             args.seed = seed
@@ -370,7 +390,7 @@ def main() -> None:
         print("\n".join(lines[-len(rows) - 2 :]), flush=True)
         for neck, r in rows.items():
             if neck != "fpn" and "fpn" in rows:
-                ratios.setdefault(neck, []).append(r["step_s"] / rows["fpn"]["step_s"])
+                ratios.setdefault(neck, []).append(vs_fpn(rows, neck, "step_s"))
                 maps.setdefault(neck, []).append(r["map"] - rows["fpn"]["map"])
     lines += ["", *summary(per_seed, args.steps, args.num_val)]
     glance = []
@@ -396,6 +416,27 @@ def main() -> None:
     print(text)
     write_results(args.name, text, command=command, glance=glance)
     add_to_json(RESULTS_DIR / f"{args.name}.json", per_seed, args.steps)
+
+
+def combine(old: tuple[dict, float] | None, rows: dict, minutes: float, seed: int, path: str) -> tuple[dict, float]:
+    """Join the necks of one seed from several dumps. A neck's run depends only on the seed (its initial weights
+    and the data order do not depend on the other necks of the lockstep), so a neck in two dumps must agree exactly;
+    a mismatch means different settings.
+
+    Raises:
+        SystemExit: when a neck's mAP differs between two dumps of the same seed.
+    """
+    if old is None:
+        return rows, minutes
+    for neck in set(old[0]) & set(rows):
+        if old[0][neck]["map"] != rows[neck]["map"]:
+            raise SystemExit(f"--merge {path}: seed {seed} neck {neck} scored {rows[neck]['map']} here and "
+                             f"{old[0][neck]['map']} in an earlier dump; merge only runs made with the same settings")
+    merged = dict(old[0])
+    for neck, row in rows.items():
+        if neck not in merged:
+            merged[neck] = {**row, **{f"{k}_vs_fpn": vs_fpn(rows, neck, k) for k in ("step_s", "eval_s") if "fpn" in rows}}
+    return merged, old[1] + minutes
 
 
 def add_to_json(path: Path, per_seed: dict[int, tuple[dict, float]], steps: int) -> None:

@@ -320,6 +320,18 @@ def create_cli(args: ArgsType = None, run: bool = True) -> LndCLI:
     )
 
 
+def release_process_group() -> None:
+    """Destroy the default process group a finished run leaves behind (Lightning's DDP strategies keep it).
+
+    Without this, gloo's worker threads can still be alive while the interpreter shuts down, and a DDP run that
+    finished cleanly sometimes ends with ``terminate called without an active exception`` and exit code -6 (SIGABRT;
+    pytorch/pytorch#190489). Called only after a successful command: after an error other ranks may still be inside a
+    collective, and the torchtitan launcher avoids the same cleanup there for that reason.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lnd`` and ``python -m lightning_nd``.
 
@@ -346,6 +358,7 @@ def main(args: ArgsType = None) -> None:
         else:
             print(format_user_error(err), file=sys.stderr, flush=True)
         raise SystemExit(2) from err
+    release_process_group()
 
 
 if __name__ == "__main__":

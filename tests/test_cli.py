@@ -67,6 +67,20 @@ def test_config_saved_to_run_dir_on_rerun(tmp_path, capsys):
     assert (tmp_path / "run" / "lightning_logs" / "fixed" / "config.yaml").is_file()
 
 
+def test_finished_command_releases_the_process_group(tmp_path):
+    # Lightning's DDP strategies leave the default process group alive; left to interpreter shutdown, gloo's threads
+    # sometimes abort a run that finished cleanly (exit -6, "terminate called without an active exception")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        main([*DIGITS_CLASSIFIER_ARGS, *FAST, f"--trainer.default_root_dir={tmp_path / 'run'}"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "lightning_nd", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout
