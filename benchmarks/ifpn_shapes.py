@@ -336,6 +336,8 @@ def main() -> None:
     parser.add_argument("--diag-every", type=int, default=250, help="contraction / gap of each i-FPN every N steps")
     parser.add_argument("--name", default="ifpn_shapes", help="results file stem")
     parser.add_argument("--raw", default=None, help="also dump the rows per seed as JSON here")
+    parser.add_argument("--no-glance", action="store_true",
+                        help="no rows for the README's glance table (side studies of the deciding run)")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="write the report from --raw dumps of runs with the same settings (seeds run in parallel)")
     args = parser.parse_args()
@@ -372,6 +374,7 @@ def main() -> None:
         per_seed = {seed: per_seed[seed] for seed in args.seeds}
         given = "".join(f" --{flag} {value}" for flag, value, default in (
             ("num-val", args.num_val, 200), ("diag-every", args.diag_every, 250)) if value != default)
+        given += (" --no-glance" if args.no_glance else "") + (f" --name {args.name}" if args.name != "ifpn_shapes" else "")
         command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps}{given} --necks {args.necks} --seeds "
                    f"{' '.join(map(str, args.seeds))}")
         lines[2] = (f"`{command}` (seeds run in one or more processes, each writing --raw, and merged with "
@@ -394,7 +397,7 @@ def main() -> None:
                 maps.setdefault(neck, []).append(r["map"] - rows["fpn"]["map"])
     lines += ["", *summary(per_seed, args.steps, args.num_val)]
     glance = []
-    for neck in GLANCE_NECKS:
+    for neck in () if args.no_glance else GLANCE_NECKS:
         if neck not in ratios:
             continue
         values, gap = ratios[neck], maps[neck]
