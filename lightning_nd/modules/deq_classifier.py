@@ -40,12 +40,12 @@ class DEQClassifier(ImageClassifier):
         optimizer: callable taking the parameters; default SGD (``default_optimizer``).
         lr_scheduler: callable taking the optimizer, stepped every epoch.
         model_kwargs: keyword arguments of the default ``MDEQ`` (channels, widths, ...).
+        jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch, forward-cap jitter);
+            default off (the shipped configs turn it on).
         deq: the default ``MDEQ``'s solver options (:class:`~lightning_nd.implicit.DEQConfig`). A typed argument, so
             the CLI overrides one field and keeps the others (``--model.deq.f_max_iter 12``); inside the plain dict
             ``model_kwargs`` such an override would replace the whole ``deq`` dict. ``model_kwargs["deq"]`` is
             still accepted when this is not given.
-        jac_reg: the Jacobian-regularisation schedule (weight, probability, growth, stop epoch, forward-cap jitter);
-            default off (the shipped configs turn it on).
 
     Raises:
         ValueError: if the network contains no DEQ layer or a DEQ layer built with ``jac_reg=True`` (the schedule
