@@ -373,7 +373,8 @@ def main() -> None:
         args.seeds = sorted(args.seeds or per_seed)
         per_seed = {seed: per_seed[seed] for seed in args.seeds}
         given = "".join(f" --{flag} {value}" for flag, value, default in (
-            ("num-val", args.num_val, 200), ("diag-every", args.diag_every, 250)) if value != default)
+            ("num-val", args.num_val, 200), ("diag-every", args.diag_every, 250), ("threads", args.threads, 1))
+            if value != default)
         given += (" --no-glance" if args.no_glance else "") + (f" --name {args.name}" if args.name != "ifpn_shapes" else "")
         command = (f"python benchmarks/ifpn_shapes.py --steps {args.steps}{given} --necks {args.necks} --seeds "
                    f"{' '.join(map(str, args.seeds))}")
