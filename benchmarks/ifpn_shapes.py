@@ -267,21 +267,23 @@ def _span(values: list[float], fmt: str, unit: str = "") -> str:
     return f"{format(mean, fmt)}{unit} ({format(min(values), fmt)}{unit} to {format(max(values), fmt)}{unit})"
 
 
+def _interval(diffs: list[float]) -> str:
+    """The 95 % Student-t interval of paired per-seed differences as ``[lo, hi]``."""
+    lo, hi = t_interval(diffs)
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
 def _paired(diffs: list[float]) -> str:
-    """Mean (min to max) of paired per-seed differences, their 95 % Student-t interval and how many are above 0."""
+    """Mean (min to max) of paired per-seed differences, their 95 % interval and how many are above 0."""
     text = _span(diffs, "+.3f")
     if len(diffs) >= 2:
-        lo, hi = t_interval(diffs)
-        text += f"; 95 % [{lo:+.3f}, {hi:+.3f}]; > 0 in {sum(d > 0 for d in diffs)} of {len(diffs)}"
+        text += f"; 95 % {_interval(diffs)}; > 0 in {sum(d > 0 for d in diffs)} of {len(diffs)}"
     return text
 
 
 def _glance_spread(diffs: list[float]) -> str:
     text = f"{min(diffs):+.3f} to {max(diffs):+.3f} over {len(diffs)} seed(s)"
-    if len(diffs) >= 2:
-        lo, hi = t_interval(diffs)
-        text += f", paired 95 % [{lo:+.3f}, {hi:+.3f}]"
-    return text
+    return text + (f", paired 95 % {_interval(diffs)}" if len(diffs) >= 2 else "")
 
 
 def summary(per_seed: dict[int, tuple[dict, float]], steps: int, num_val: int) -> list[str]:
